@@ -1,0 +1,156 @@
+"""The ``alambic`` command.
+
+Every failure the user can act on is one line on stderr (``error: ...``) and a non-zero exit status:
+2 for a bad recipe or command line, 1 for a failed run, 130 for an interrupt. Never a traceback, unless
+``ALAMBIC_DEBUG=1`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from alambic.errors import AlambicError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after options (`run R --out D a.b=1`): argparse leaves those to us
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return int(args.func(args) or 0)
+    except AlambicError as exc:
+        if os.environ.get("ALAMBIC_DEBUG"):
+            raise
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"error: {line}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        hint = f"; continue with --resume (the last checkpoint in {out} is intact)" if out else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alambic", description="Knowledge distillation for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="train and evaluate what a recipe describes")
+    r.add_argument("recipe", type=Path)
+    r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe values")
+    r.add_argument("--out", type=Path, required=True, help="run directory")
+    r.add_argument("--resume", action="store_true", help="continue (or re-use) the run in --out")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_run)
+
+    v = sub.add_parser("validate", help="check a recipe without running it")
+    v.add_argument("recipe", type=Path)
+    v.add_argument("overrides", nargs="*", metavar="key.path=value")
+    v.add_argument("--print", action="store_true", help="print the resolved recipe")
+    v.set_defaults(func=_validate)
+
+    for kind in ("methods", "models", "datasets"):
+        s = sub.add_parser(kind, help=f"list the registered {kind}")
+        s.set_defaults(func=_listing, kind=kind)
+
+    rep = sub.add_parser("report", help="render report.md and plots of a finished run again")
+    rep.add_argument("run_dir", type=Path)
+    rep.set_defaults(func=_report)
+
+    e = sub.add_parser("export", help="export a run's student (ONNX is checked against PyTorch)")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--format", choices=["onnx", "safetensors"], default="onnx")
+    e.add_argument("--out", type=Path, default=None, help="output file (default: in the run directory)")
+    e.set_defaults(func=_export)
+
+    q = sub.add_parser("quickstart", help="teacher, student-ce and student-distilled on digits, 3 seeds")
+    q.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    q.add_argument("--seeds", type=int, default=3)
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=_quickstart)
+    return p
+
+
+def _run(args) -> int:
+    from alambic.recipe import load_recipe
+    from alambic.report.console import print_summary
+    from alambic.run import run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
+    print_summary(summary, args.out)
+    return 0
+
+
+def _validate(args) -> int:
+    import yaml
+
+    from alambic.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print:
+        print(yaml.safe_dump(recipe.resolved(), sort_keys=False), end="")
+    else:
+        teacher = "no teacher" if recipe.teacher is None else "a teacher"
+        print(f"ok: {args.recipe} (method {recipe.method.name}, student {recipe.student.arch}, "
+              f"data {recipe.data.name}, {teacher})")
+    return 0
+
+
+def _listing(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    import alambic  # noqa: F401  (registers everything)
+    from alambic.registry import DATASETS, METHODS, MODELS
+
+    registry = {"methods": METHODS, "models": MODELS, "datasets": DATASETS}[args.kind]
+    table = Table(title=f"alambic {args.kind}")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    if args.kind == "methods":
+        table.add_column("teacher")
+        table.add_column("paper")
+    for entry in registry:
+        row = [entry.name, entry.description]
+        if args.kind == "methods":
+            row += ["yes" if entry.obj.needs_teacher else "no", entry.paper]
+        table.add_row(*row)
+    Console().print(table)
+    return 0
+
+
+def _report(args) -> int:
+    from alambic.report import render_report
+
+    path = render_report(args.run_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+def _export(args) -> int:
+    from alambic.export.run import export_run
+
+    path = export_run(args.run_dir, args.format, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _quickstart(args) -> int:
+    from alambic.quickstart import quickstart
+
+    quickstart(args.out, seeds=args.seeds, progress=not args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

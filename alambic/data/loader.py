@@ -1,0 +1,142 @@
+"""Batches with stable sample indices, in an order that is a pure function of (seed, epoch).
+
+A killed run resumes mid-epoch bit-identically only if the batches after the checkpoint are exactly the
+ones the uninterrupted run would have seen. So the order of epoch ``e`` is drawn from a private
+``torch.Generator`` seeded with ``(seed, e)`` and nothing else (the global RNG, which augmentations and
+dropout consume, is never touched), and ``epoch(e, start=k)`` skips the first ``k`` batches without
+drawing anything. :class:`TensorLoader` serves an in-memory :class:`~alambic.data.splits.Split` by direct
+tensor indexing (no DataLoader, no per-sample Python); :class:`DatasetLoader` wraps any
+``torch.utils.data.Dataset`` with the same semantics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from alambic.data.batch import IGNORE_INDEX, INPUT, Batch
+from alambic.data.splits import Split
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of one epoch; distinct (seed, epoch) pairs give distinct seeds for any sane range."""
+    return (int(seed) * 1_000_003 + int(epoch)) % 2**63
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> Tensor:
+    """[n] int64 positions in the order epoch ``epoch`` visits them."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+
+
+class _EpochLoader:
+    """Shared bookkeeping: batch count and the range check on ``start``."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def _positions(self, epoch: int, start: int) -> Tensor:
+        """Positions of batches ``start..`` of the epoch (the dropped tail already removed)."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start must be in 0..{len(self)} (batches per epoch), got {start}")
+        order = epoch_order(self.n, self.seed, epoch, self.shuffle)
+        return order[start * self.batch_size : len(self) * self.batch_size]
+
+
+class TensorLoader(_EpochLoader):
+    """Batches of a :class:`Split`: ``Batch(views={"input": x}, index=ids, target=y, labeled=mask)``."""
+
+    def __init__(self, split: Split, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        super().__init__(len(split), batch_size, shuffle, seed, drop_last)
+        self.split = split
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        s, bs = self.split, self.batch_size
+        pos = self._positions(epoch, start)
+        for i in range(0, len(pos), bs):
+            if self.shuffle:
+                rows = pos[i : i + bs]
+                yield Batch(views={INPUT: s.x[rows]}, index=s.index[rows], target=s.y[rows], labeled=s.labeled[rows])
+            else:  # contiguous rows: slices are views, no copy
+                a = int(pos[i])
+                sl = slice(a, a + len(pos[i : i + bs]))
+                yield Batch(views={INPUT: s.x[sl]}, index=s.index[sl], target=s.y[sl], labeled=s.labeled[sl])
+
+
+class _Indexed(Dataset):
+    """Prepends the dataset position to each item, so the batch knows its stable indices."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.dataset[i]
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+
+def _collate(items: list[tuple[int, Sequence[Any]]]) -> Batch:
+    index = torch.tensor([i for i, _ in items], dtype=torch.int64)
+    first = items[0][1]
+    if not isinstance(first, (tuple, list)) or len(first) < 2:
+        raise TypeError(f"DatasetLoader wants items (x, y) or (x, y, ...), got {type(first).__name__}")
+    cols = default_collate([tuple(item) for _, item in items])
+    x, y = cols[0], torch.as_tensor(cols[1]).long()
+    labeled = y != IGNORE_INDEX if y.ndim == 1 else None
+    extras = {f"item_{k}": c for k, c in enumerate(cols[2:], start=2) if isinstance(c, Tensor)}
+    return Batch(views={INPUT: x}, index=index, target=y, labeled=labeled, extras=extras)
+
+
+class DatasetLoader(_EpochLoader):
+    """Any ``torch.utils.data.Dataset`` whose items are ``(x, y)`` or ``(x, y, ...)``.
+
+    ``y`` may be ``IGNORE_INDEX`` for an unlabelled sample (``labeled`` is then False). The stable index is
+    the dataset position. Further tensor items land in ``Batch.extras`` as ``item_2``, ``item_3`` ...
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_workers: int = 0,
+    ):
+        super().__init__(len(dataset), batch_size, shuffle, seed, drop_last)  # type: ignore[arg-type]
+        self.dataset, self.num_workers = dataset, num_workers
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        pos = self._positions(epoch, start).tolist()
+        batches = [pos[i : i + self.batch_size] for i in range(0, len(pos), self.batch_size)]
+        loader = DataLoader(
+            _Indexed(self.dataset),
+            batch_sampler=batches,
+            collate_fn=_collate,
+            num_workers=self.num_workers,
+            # DataLoader draws a worker base seed from this generator, or from the global RNG without one.
+            generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)),
+        )
+        yield from loader
+
+
+def make_loader(data: Split | Dataset, batch_size: int, **kw: Any) -> TensorLoader | DatasetLoader:
+    """A :class:`TensorLoader` for a :class:`Split`, a :class:`DatasetLoader` for a torch ``Dataset``."""
+    if isinstance(data, Split):
+        return TensorLoader(data, batch_size, **kw)
+    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        return DatasetLoader(data, batch_size, **kw)  # type: ignore[arg-type]
+    raise TypeError(f"make_loader wants a Split or a torch Dataset, got {type(data).__name__}")

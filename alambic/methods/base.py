@@ -1,0 +1,78 @@
+"""The method contract: map student and teacher outputs (and the batch) to a loss.
+
+A method owns loss state (projectors, regressors, centers, queues, stores) but never the models. It
+declares which views each side sees, which intermediate outputs (taps) it reads, whether it needs a
+teacher, and whether unlabelled samples can teach the student anything under it (if not, the trainer
+drops them from the method's training set). Its options live in its own strict ``Config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from alambic.data.batch import INPUT, Batch
+from alambic.teachers.base import ModelOutput
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's Config: strict (an unknown key is an error)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class StepContext:
+    """Where training stands; schedules are computed up front and read here, so no loss keeps a clock."""
+
+    step: int  # optimizer steps done before this one
+    epoch: int
+    total_steps: int
+    steps_per_epoch: int
+    values: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MethodOutput:
+    loss: Tensor  # scalar to minimise
+    terms: dict[str, Tensor]  # weighted contributions to ``loss``, for logging and NaN reports
+    logits: Tensor | None = None
+
+
+class Method(nn.Module):
+    """Base class: subclasses set the class attributes and implement ``forward``."""
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    paper: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
+    uses_unlabeled: ClassVar[bool] = False
+    student_views: ClassVar[tuple[str, ...]] = (INPUT,)
+    teacher_views: ClassVar[tuple[str, ...]] = (INPUT,)
+
+    def __init__(self, config: MethodConfig | None = None):
+        super().__init__()
+        self.config = config if config is not None else self.Config()
+
+    def student_taps(self) -> list[str]:
+        return []
+
+    def teacher_taps(self) -> list[str]:
+        return []
+
+    def setup(self, student: Mapping[str, ModelOutput], teacher: Mapping[str, ModelOutput] | None) -> None:
+        """Build trainable heads from one probe batch's outputs (shapes); called once before training."""
+
+    def forward(
+        self,
+        student: Mapping[str, ModelOutput],
+        teacher: Mapping[str, ModelOutput] | None,
+        batch: Batch,
+        ctx: StepContext,
+    ) -> MethodOutput:
+        raise NotImplementedError
+
+    def extra_state_summary(self) -> dict[str, Any]:
+        return {}

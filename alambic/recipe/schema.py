@@ -1,0 +1,154 @@
+"""The typed, strict recipe.
+
+A recipe is YAML parsed into :class:`Recipe` before any tensor exists. Every section is strict (an
+unknown key is an error). Sections that pick an entry of a registry (``data.name``, ``student.arch``,
+``teacher.model.arch``, ``method.name``) carry that entry's own options beside the common ones; those
+options are validated against the entry's ``Config`` by :func:`alambic.recipe.load.validate`, so an
+error always names the full key path (``method.temperature: must be greater than 0, got -1``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Selector(BaseModel):
+    """A section naming a registry entry; keys other than the common ones are that entry's options."""
+
+    model_config = ConfigDict(extra="allow")
+    _options: BaseModel | None = PrivateAttr(default=None)
+
+    @property
+    def options(self) -> BaseModel:
+        if self._options is None:
+            raise RuntimeError("recipe not validated: load it with alambic.recipe.load_recipe")
+        return self._options
+
+    def raw_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def resolved(self) -> dict[str, Any]:
+        """Common fields plus every option with its default filled in (what the run directory records)."""
+        common = {k: v for k, v in self.model_dump(mode="json").items() if k not in (self.model_extra or {})}
+        opts = self._options.model_dump(mode="json") if self._options is not None else self.raw_options()
+        return {**common, **opts}
+
+
+class DataSpec(Selector):
+    """Where the samples come from and how they are split (fixed, seeded, stratified)."""
+
+    name: str = "digits"
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    labeled_fraction: float = Field(1.0, gt=0, le=1)
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataSpec":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must be below 1, got {self.val_fraction + self.test_fraction:g}"
+            )
+        return self
+
+
+class ModelSpec(Selector):
+    """A network: a registered architecture (``arch``) and its options, or ``module: pkg.mod:factory``."""
+
+    arch: str = "mlp"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _module_shortcut(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "module" in data and "arch" not in data:
+            data = {"arch": "module", **data}
+        return data
+
+
+class TeacherSpec(Strict):
+    """Where the teacher comes from: exactly one of ``run``, ``model`` (+ ``weights``), ``estimator``."""
+
+    run: Path | None = None
+    model: ModelSpec | None = None
+    weights: Path | None = None
+    estimator: str | None = Field(None, description="'pkg.mod:Class' of a scikit-learn estimator fit on the labelled data")
+    estimator_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSpec":
+        given = [k for k in ("run", "model", "estimator") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of run, model, estimator; got {given or 'none'}")
+        if self.weights is not None and self.model is None:
+            raise ValueError("weights needs model (the architecture the weights belong to)")
+        return self
+
+
+class MethodSpec(Selector):
+    name: str = "ce"
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    step_epochs: list[int] = Field(default_factory=list)
+    grad_accum: int = Field(1, ge=1)
+    clip_grad_norm: float | None = Field(None, gt=0)
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = end of each epoch")
+    eval_every: int = Field(1, ge=1, description="epochs between validation passes")
+    log_every: int = Field(10, ge=1, description="optimizer steps between metric lines")
+    threads: int | None = Field(1, ge=1, description="torch CPU threads; small models are fastest on 1")
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _accum(self) -> "TrainSpec":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        return self
+
+
+class EvalSpec(Strict):
+    ece_bins: int = Field(15, ge=2)
+    latency_batch_size: int = Field(1, ge=1)
+    latency_repeats: int = Field(50, ge=1)
+    batch_size: int = Field(512, ge=1)
+
+
+class Recipe(Strict):
+    name: str = "run"
+    seed: int = 0
+    data: DataSpec = Field(default_factory=DataSpec)
+    student: ModelSpec = Field(default_factory=ModelSpec)
+    teacher: TeacherSpec | None = None
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    def resolved(self) -> dict[str, Any]:
+        """The full recipe with every default filled in, as plain YAML-able data."""
+        out = self.model_dump(mode="json", exclude={"data", "student", "teacher", "method"})
+        out["data"] = self.data.resolved()
+        out["student"] = self.student.resolved()
+        out["method"] = self.method.resolved()
+        if self.teacher is not None:
+            t = self.teacher.model_dump(mode="json", exclude={"model"}, exclude_none=True)
+            if self.teacher.model is not None:
+                t["model"] = self.teacher.model.resolved()
+            out["teacher"] = t
+        # key order as a reader expects it
+        order = ["name", "seed", "data", "student", "teacher", "method", "train", "eval"]
+        return {k: out[k] for k in order if k in out}

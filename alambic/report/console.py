@@ -1,0 +1,28 @@
+"""What a finished run prints on the terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"{summary['name']} · method {summary['method']} · seed {summary['seed']}")
+    for col in ("model", "test acc", "ECE", "agreement", "params", "latency ms/sample"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    s, t = summary["student"], summary.get("teacher")
+    table.add_row("student", f"{summary['test']['accuracy']:.4f}", f"{summary['test']['ece']:.4f}",
+                  _fmt(summary["test"].get("agreement")), f"{s['params']:,}", f"{s['latency_ms']:.4f}")
+    if t:
+        table.add_row("teacher", f"{t['test']['accuracy']:.4f}", f"{t['test']['ece']:.4f}", "",
+                      _fmt(t.get("params"), "{:,}"), _fmt(t.get("latency_ms")))
+    console.print(table)
+    console.print(f"run directory: {run_dir} (report.md, summary.json, student.safetensors)")
+
+
+def _fmt(value: Any, spec: str = "{:.4f}") -> str:
+    return "" if value is None else spec.format(value)

@@ -1,0 +1,126 @@
+"""The two figures of a run report: learning curves and a reliability diagram.
+
+Figures are built with :class:`matplotlib.figure.Figure` and saved through the Agg canvas directly, not
+through ``pyplot``: nothing is registered with pyplot's global figure manager (so nothing leaks when a
+report is rendered in a loop) and the process-wide backend is left alone (rendering a report inside a
+notebook does not switch its backend). This needs no display, like ``matplotlib.use("Agg")``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from alambic.eval.classification import expected_calibration_error, reliability_bins
+
+__all__ = ["plot_learning_curves", "plot_reliability"]
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=120)
+    return path
+
+
+def plot_learning_curves(metrics: list[dict], path: str | os.PathLike) -> Path:
+    """Train loss and each loss term against step (left); validation accuracy against step (right).
+
+    ``metrics`` are the records of ``metrics.jsonl``: ``split == "train"`` records carry ``step``, ``loss``
+    and optionally ``terms`` (name -> value); ``split == "val"`` records carry ``step`` and ``accuracy``.
+    Other records are ignored. Returns ``path``.
+    """
+    train = sorted((r for r in metrics if r.get("split") == "train"), key=lambda r: r["step"])
+    val = sorted((r for r in metrics if r.get("split") == "val" and "accuracy" in r), key=lambda r: r["step"])
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_loss, ax_val = fig.subplots(1, 2)
+
+    if train:
+        steps = [r["step"] for r in train]
+        ax_loss.plot(steps, [r["loss"] for r in train], label="loss", color="black", linewidth=2)
+        term_names = sorted({name for r in train for name in (r.get("terms") or {})})
+        for name in term_names:
+            points = [(r["step"], r["terms"][name]) for r in train if name in (r.get("terms") or {})]
+            ax_loss.plot(*zip(*points), label=name, linewidth=1)
+        ax_loss.legend(loc="best", fontsize="small")
+    else:
+        ax_loss.text(0.5, 0.5, "no training records", ha="center", va="center", transform=ax_loss.transAxes)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("training loss and terms")
+    ax_loss.grid(alpha=0.3)
+
+    if val:
+        ax_val.plot([r["step"] for r in val], [r["accuracy"] for r in val], marker="o", color="tab:green")
+    else:
+        ax_val.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax_val.transAxes)
+    ax_val.set_xlabel("step")
+    ax_val.set_ylabel("accuracy")
+    ax_val.set_title("validation accuracy")
+    ax_val.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_reliability(
+    logits_NC: Tensor,
+    target_N: Tensor,
+    path: str | os.PathLike,
+    n_bins: int = 15,
+    teacher_logits_NC: Tensor | None = None,
+) -> Path:
+    """Reliability diagram (Guo et al., 2017, arXiv:1706.04599, Fig. 1): accuracy per confidence bin as bars,
+    the diagonal of perfect calibration, and the ECE in the title. With ``teacher_logits_NC`` the teacher's
+    per-bin accuracy is overlaid as a step outline. Empty bins have no bar. Returns ``path``.
+    """
+    bins = reliability_bins(logits_NC, target_N, n_bins)
+    ece = expected_calibration_error(logits_NC, target_N, n_bins)
+    width = 1.0 / n_bins
+    centers = [lo + width / 2 for lo in bins["lower"]]
+
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    filled = [i for i, c in enumerate(bins["count"]) if c]
+    ax.bar(
+        [centers[i] for i in filled],
+        [bins["accuracy"][i] for i in filled],
+        width=width,
+        edgecolor="black",
+        color="tab:blue",
+        alpha=0.8,
+        label="student accuracy",
+    )
+    ax.scatter(
+        [bins["confidence"][i] for i in filled],
+        [bins["confidence"][i] for i in filled],
+        marker="_",
+        color="tab:red",
+        s=60,
+        zorder=3,
+        label="mean confidence",
+    )
+    title = f"student ECE = {ece:.4f}"
+    if teacher_logits_NC is not None:
+        t_bins = reliability_bins(teacher_logits_NC, target_N, n_bins)
+        t_ece = expected_calibration_error(teacher_logits_NC, target_N, n_bins)
+        # a bar outline: the step plot goes through both edges of each non-empty bin
+        xs, ys = [], []
+        for lo, hi, acc in zip(t_bins["lower"], t_bins["upper"], t_bins["accuracy"]):
+            xs += [lo, hi]
+            ys += [acc, acc] if not math.isnan(acc) else [math.nan, math.nan]
+        ax.plot(xs, ys, color="tab:orange", linewidth=2, label="teacher accuracy")
+        title += f", teacher ECE = {t_ece:.4f}"
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max softmax probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability ({n_bins} bins): {title}", fontsize="medium")
+    ax.legend(loc="upper left", fontsize="small")
+    return _save(fig, path)

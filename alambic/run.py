@@ -1,0 +1,230 @@
+"""One distillation run, from a validated recipe to a finished run directory.
+
+    recipe -> data -> student (+ teacher) -> method -> Trainer.fit -> evaluation -> run directory
+
+A run directory holds ``recipe.yaml`` (resolved, every default filled in), ``metrics.jsonl``,
+``checkpoint.safetensors`` (while and after training), and once finished ``student.safetensors`` +
+``student.json`` (what rebuilds the network), ``predictions.safetensors``, ``summary.json``,
+``report.md`` and ``plots/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from alambic import methods as _methods  # noqa: F401  (registers methods)
+from alambic.data import sources as _sources  # noqa: F401  (registers datasets)
+from alambic.data.batch import INPUT
+from alambic.data.loader import make_loader
+from alambic.data.splits import DataBundle, Split, build_data
+from alambic.errors import AlambicError, RunDirError, ShapeMismatchError
+from alambic.eval.classification import accuracy, agreement, expected_calibration_error, nll, predict
+from alambic.eval.efficiency import cpu_latency_ms, parameter_count, size_on_disk
+from alambic.export.weights import export_safetensors, load_weights
+from alambic.methods.base import Method
+from alambic.models.zoo import build_model, import_object
+from alambic.recipe.load import dump_recipe, model_spec
+from alambic.recipe.schema import Recipe, TeacherSpec
+from alambic.registry import METHODS
+from alambic.teachers.analytic import AnalyticTeacher
+from alambic.teachers.base import Teacher
+from alambic.teachers.frozen import FrozenTeacher
+from alambic.train.loop import Callback, Trainer
+from alambic.train.seeding import seed_everything
+
+STUDENT_WEIGHTS, STUDENT_META, SUMMARY = "student.safetensors", "student.json", "summary.json"
+
+
+def run(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    data: DataBundle | None = None,
+    teacher: Teacher | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Train and evaluate what ``recipe`` describes into run directory ``out``; returns the summary.
+
+    ``data`` and ``teacher`` let Python callers bring their own (a :class:`DataBundle` from
+    :func:`alambic.data.bundle_from_arrays`, any object following the Teacher protocol); they replace the
+    recipe's ``data``/``teacher`` sections.
+    """
+    out = Path(out)
+    if _prepare_run_dir(out, recipe, resume):
+        return json.loads((out / SUMMARY).read_text())
+    torch.set_num_threads(recipe.train.threads or torch.get_num_threads())
+    data = data if data is not None else build_data(recipe.data)
+    seed_everything(recipe.seed)
+    student = build_model(recipe.student, data.input_shape, data.num_classes)
+    if teacher is None and recipe.teacher is not None:
+        teacher = build_teacher(recipe.teacher, data)
+    method_cls: type[Method] = METHODS.get(recipe.method.name).obj
+    if method_cls.needs_teacher and teacher is None:
+        raise AlambicError(f"method '{recipe.method.name}' needs a teacher: add a teacher section to the recipe")
+    method = method_cls(recipe.method.options)
+    train = data.train if method_cls.uses_unlabeled else data.train.labeled_only()
+    if len(train) == 0:
+        raise AlambicError("the training split has no sample this method can use (no labelled sample?)")
+    loader = make_loader(train, recipe.train.batch_size, shuffle=True, seed=recipe.seed)
+    ev = recipe.eval
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        logits = predict(model, _inputs(data.val, ev.batch_size))
+        return {"accuracy": accuracy(logits, data.val.y), "loss": nll(logits, data.val.y)}
+
+    trainer = Trainer(student, method, loader, recipe.train, teacher=teacher, run_dir=out, val_fn=validate,
+                      callbacks=callbacks, progress=progress)
+    fit = trainer.fit(resume=resume)
+    if isinstance(teacher, FrozenTeacher):
+        teacher.close()
+    return finish(out, recipe, data, student, teacher, fit_info={
+        "steps": fit.steps, "epochs": fit.epochs, "wall_time_s": round(fit.wall_time_s, 3),
+        "resumed_from_step": fit.resumed_from, "train_samples": len(train),
+        "labeled_train_samples": int(train.labeled.sum()),
+    })
+
+
+def finish(out: Path, recipe: Recipe, data: DataBundle, student: nn.Module, teacher: Teacher | None,
+           fit_info: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate on val and test, write the student, its predictions, the summary and the report."""
+    from alambic.report import render_report
+
+    ev = recipe.eval
+    threads = recipe.train.threads or 1
+    example = data.test.x[:1]
+    test_logits = predict(student, _inputs(data.test, ev.batch_size))
+    val_logits = predict(student, _inputs(data.val, ev.batch_size))
+    summary: dict[str, Any] = {
+        "name": recipe.name, "method": recipe.method.name, "seed": recipe.seed, "data": recipe.data.name,
+        "data_fingerprint": data.fingerprint,
+        "test": classification_metrics(test_logits, data.test.y, ev.ece_bins),
+        "val": classification_metrics(val_logits, data.val.y, ev.ece_bins),
+        "student": {"params": parameter_count(student), "size_bytes": size_on_disk(student),
+                    "latency_ms": cpu_latency_ms(student, example, batch_size=ev.latency_batch_size,
+                                                 repeats=ev.latency_repeats, threads=threads)},
+        "teacher": None,
+        "train": fit_info,
+    }
+    preds = {"test_logits": test_logits.float(), "test_target": data.test.y}
+    if teacher is not None:
+        t_logits = teacher_logits(teacher, data.test, ev.batch_size)
+        preds["teacher_test_logits"] = t_logits
+        summary["test"]["agreement"] = agreement(test_logits, t_logits)
+        summary["teacher"] = {"test": classification_metrics(t_logits, data.test.y, ev.ece_bins),
+                              "fingerprint": teacher.fingerprint()}
+        if isinstance(teacher, FrozenTeacher):
+            summary["teacher"].update(
+                params=parameter_count(teacher.model), size_bytes=size_on_disk(teacher.model),
+                latency_ms=cpu_latency_ms(teacher.model, example, batch_size=ev.latency_batch_size,
+                                          repeats=ev.latency_repeats, threads=threads))
+    save_file({k: v.contiguous() for k, v in preds.items()}, str(out / "predictions.safetensors"))
+    meta = {"arch": recipe.student.resolved(), "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "class_names": data.class_names}
+    export_safetensors(student, out / STUDENT_WEIGHTS, metadata={"alambic": json.dumps(meta)})
+    (out / STUDENT_META).write_text(json.dumps(meta, indent=2))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    render_report(out)
+    return summary
+
+
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor, bins: int) -> dict[str, float]:
+    return {"accuracy": accuracy(logits, target), "ece": expected_calibration_error(logits, target, bins),
+            "nll": nll(logits, target)}
+
+
+def teacher_logits(teacher: Teacher, split: Split, batch_size: int) -> torch.Tensor:
+    loader = make_loader(split, batch_size, shuffle=False)
+    return torch.cat([teacher.outputs(b, [INPUT])[INPUT].logits for b in loader.epoch(0)]).float()
+
+
+def _inputs(split: Split, batch_size: int):
+    return (split.x[i : i + batch_size] for i in range(0, len(split), batch_size))
+
+
+# -- run directories ---------------------------------------------------------------------------------------
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / SUMMARY).exists() and (run_dir / STUDENT_WEIGHTS).exists()
+
+
+def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool) -> bool:
+    """Check ``out`` can take this run and record the recipe; True if it already holds the finished run."""
+    saved_path = out / "recipe.yaml"
+    if out.exists() and any(out.iterdir()):
+        if not saved_path.exists():
+            raise RunDirError(f"{out} is not empty and holds no alambic run: choose another --out")
+        state = "a finished" if is_finished(out) else "an unfinished"
+        if not resume:
+            raise RunDirError(
+                f"{out} already holds {state} run: pass --resume to continue it, or choose another --out"
+            )
+        diff = first_difference(yaml.safe_load(saved_path.read_text()), recipe.resolved())
+        if diff is not None:
+            raise RunDirError(f"--resume: the recipe differs from {saved_path} at {diff}; start a new run directory")
+        return is_finished(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, saved_path)
+    return False
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """The first key path where two nested structures differ, or None when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(dict.fromkeys([*a, *b])):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in a or key not in b:
+                return sub
+            found = first_difference(a[key], b[key], sub)
+            if found:
+                return found
+        return None
+    return None if a == b else f"{path or 'recipe'} ({a!r} -> {b!r})"
+
+
+# -- teachers and students from disk -------------------------------------------------------------------------
+
+
+def load_student(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The finished student of ``run_dir`` (rebuilt from ``student.json``) and that metadata."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / STUDENT_META
+    if not meta_path.exists():
+        raise RunDirError(f"{run_dir} has no finished student ({meta_path.name} missing): did the run finish?")
+    meta = json.loads(meta_path.read_text())
+    model = build_model(model_spec(meta["arch"], "student.json: arch"), tuple(meta["input_shape"]), meta["num_classes"])
+    load_weights(model, run_dir / STUDENT_WEIGHTS)
+    return model, meta
+
+
+def build_teacher(spec: TeacherSpec, data: DataBundle) -> Teacher:
+    if spec.run is not None:
+        model, meta = load_student(spec.run)
+        _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.run {spec.run}")
+        return FrozenTeacher(model)
+    if spec.model is not None:
+        model = build_model(spec.model, data.input_shape, data.num_classes)
+        if spec.weights is not None:
+            load_weights(model, spec.weights)
+        return FrozenTeacher(model)
+    estimator = import_object(spec.estimator)(**spec.estimator_kwargs)
+    labelled = data.train.labeled_only()
+    estimator.fit(labelled.x.reshape(len(labelled), -1).double().numpy(), labelled.y.numpy())
+    return AnalyticTeacher(estimator)
+
+
+def _check_compatible(num_classes: int, input_shape: tuple[int, ...], data: DataBundle, what: str) -> None:
+    if num_classes != data.num_classes or tuple(input_shape) != tuple(data.input_shape):
+        raise ShapeMismatchError(
+            f"{what}: the teacher takes inputs {list(input_shape)} and predicts {num_classes} classes, "
+            f"but the data has inputs {list(data.input_shape)} and {data.num_classes} classes"
+        )

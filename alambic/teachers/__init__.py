@@ -1,0 +1,7 @@
+"""Teachers: anything that maps a batch to outputs without gradients."""
+
+from alambic.teachers.analytic import AnalyticTeacher, estimator_logits
+from alambic.teachers.base import ModelOutput, Teacher
+from alambic.teachers.frozen import FrozenTeacher, model_outputs, state_fingerprint
+
+__all__ = ["AnalyticTeacher", "FrozenTeacher", "ModelOutput", "Teacher", "estimator_logits", "model_outputs", "state_fingerprint"]

@@ -1,0 +1,91 @@
+"""A teacher that is a function, not a network: any callable, or a scikit-learn estimator.
+
+Covers the seed papers whose teacher is an algorithm (HOG targets, a controller, a bandit policy) and the
+common case of distilling a classical model (random forest, gradient boosting, SVM) into a small network
+that exports to ONNX. Outputs are computed without gradients and treated as constants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from alambic.data.batch import Batch
+from alambic.errors import AlambicError
+from alambic.teachers.base import ModelOutput
+
+
+def estimator_logits(estimator: Any, x: Tensor) -> Tensor:
+    """Logits from a fitted estimator: ``log predict_proba`` when it has one, else ``decision_function``.
+
+    Class probabilities of exactly 0 (a random forest's leaves) are clipped to 1e-8 so the logits stay
+    finite. A binary ``decision_function`` d becomes the two logits ``[0, d]``, whose softmax is the
+    logistic of d.
+    """
+    flat = x.detach().reshape(len(x), -1).cpu().double().numpy()
+    if hasattr(estimator, "predict_proba"):
+        proba = np.asarray(estimator.predict_proba(flat), dtype=np.float64)
+        out = np.log(np.clip(proba, 1e-8, None))
+    elif hasattr(estimator, "decision_function"):
+        out = np.asarray(estimator.decision_function(flat), dtype=np.float64)
+        if out.ndim == 1:
+            out = np.stack([np.zeros_like(out), out], axis=1)
+    else:
+        raise AlambicError(
+            f"estimator {type(estimator).__name__} has neither predict_proba nor decision_function"
+        )
+    return torch.from_numpy(out).to(torch.float32).to(x.device)
+
+
+class AnalyticTeacher:
+    """Wraps ``fn(inputs) -> logits`` (a Tensor or array) or a fitted scikit-learn estimator."""
+
+    def __init__(self, fn: Callable[[Tensor], Any] | Any, fingerprint: str | None = None):
+        if callable(fn) and not hasattr(fn, "predict_proba") and not hasattr(fn, "decision_function"):
+            self._call = fn
+            self._estimator = None
+        else:
+            self._call = None
+            self._estimator = fn
+        self._fingerprint = fingerprint
+
+    @torch.no_grad()
+    def outputs(self, batch: Batch, views: Sequence[str]) -> dict[str, ModelOutput]:
+        outs = {}
+        for view in views:
+            x = batch.views[view]
+            if self._estimator is not None:
+                logits = estimator_logits(self._estimator, x)
+            else:
+                out = self._call(x)
+                logits = out if torch.is_tensor(out) else torch.as_tensor(np.asarray(out))
+            outs[view] = ModelOutput(logits.detach().to(torch.float32).to(x.device))
+        return outs
+
+    def use_taps(self, paths: Sequence[str]) -> None:
+        if paths:
+            raise AlambicError(f"an analytic teacher has no layers to tap, but the method asks for {list(paths)}")
+
+    def after_step(self, student: nn.Module, step: int) -> None:
+        return None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            if self._estimator is not None:
+                est = self._estimator
+                h.update(type(est).__qualname__.encode())
+                h.update(json.dumps(est.get_params(deep=False), sort_keys=True, default=repr).encode())
+                for name in sorted(vars(est)):
+                    value = getattr(est, name)
+                    if name.endswith("_") and isinstance(value, np.ndarray) and value.dtype != object:
+                        h.update(name.encode() + np.ascontiguousarray(value).tobytes())
+            else:
+                h.update(getattr(self._call, "__qualname__", repr(self._call)).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint

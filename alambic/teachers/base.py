@@ -1,0 +1,33 @@
+"""What a teacher (and a student) produces, and the protocol every teacher follows.
+
+A teacher maps a batch to outputs without gradients: a frozen network, an EMA copy of the student, a store
+of past predictions, an analytic function, a scikit-learn estimator, or a file of cached outputs. Student
+and teacher outputs share one type, :class:`ModelOutput`, so a method never cares which one it reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+from torch import Tensor, nn
+
+from alambic.data.batch import Batch
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor | None
+    features: dict[str, Tensor] = field(default_factory=dict)  # tap or head name -> tensor
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    def outputs(self, batch: Batch, views: Sequence[str]) -> dict[str, ModelOutput]:
+        """Outputs for each requested view, computed without gradients."""
+
+    def after_step(self, student: nn.Module, step: int) -> None:
+        """Called after each optimizer step (EMA teachers update here; a no-op otherwise)."""
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything that determines the outputs (keys teacher caches)."""

@@ -1,0 +1,281 @@
+"""The one explicit training loop.
+
+``Trainer.train_step`` reads like the data-flow diagram of DESIGN.md: teacher outputs -> student outputs
+-> method loss -> backward -> (after ``grad_accum`` chunks) clip -> optimizer step -> teacher.after_step.
+``fit`` adds epochs, validation, metrics, checkpoints and resume around it. Extend it through
+:class:`Callback` events, not by overriding it.
+
+Resume is exact on the CPU: the checkpoint holds the student, the method's state, the optimizer, every
+RNG and the position in the epoch; the loader's order is a pure function of (seed, epoch) and the
+learning rate a pure function of the step, so a resumed run replays the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from alambic.data.batch import Batch
+from alambic.errors import NonFiniteLossError
+from alambic.methods.base import Method, StepContext
+from alambic.models.taps import Taps
+from alambic.recipe.schema import TrainSpec
+from alambic.teachers.base import Teacher
+from alambic.teachers.frozen import model_outputs
+from alambic.train import state as st
+from alambic.train.metrics import MetricsLog
+from alambic.train.schedules import lr_schedule
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class Callback:
+    """Typed events of the loop; override what you need (all are no-ops here)."""
+
+    def on_step_end(self, trainer: "Trainer", step: int, logs: dict[str, Any]) -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, val: dict[str, float] | None) -> None: ...
+
+    def on_checkpoint(self, trainer: "Trainer", path: Path) -> None: ...
+
+
+@dataclass
+class FitResult:
+    steps: int
+    epochs: int
+    wall_time_s: float
+    resumed_from: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        student: nn.Module,
+        method: Method,
+        train_loader,
+        cfg: TrainSpec,
+        *,
+        teacher: Teacher | None = None,
+        run_dir: Path | None = None,
+        val_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        callbacks: Sequence[Callback] = (),
+        progress: bool = True,
+    ):
+        self.student, self.method, self.teacher = student, method, teacher
+        self.loader, self.cfg = train_loader, cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.val_fn, self.callbacks, self.show_progress = val_fn, list(callbacks), progress
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None)
+
+        self.student_taps = Taps(student, method.student_taps()).attach() if method.student_taps() else None
+        if teacher is not None and hasattr(teacher, "use_taps"):
+            teacher.use_taps(method.teacher_taps())
+        self._setup_method()
+        params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
+        self.optimizer = make_optimizer(params, cfg)
+        self.steps_per_epoch = len(train_loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.lrs = lr_schedule(cfg.lr, self.total_steps, self.steps_per_epoch, cfg.schedule, warmup,
+                               cfg.step_epochs, cfg.step_gamma)
+        self.step = 0
+
+    # -- one step ---------------------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch, ctx: StepContext) -> dict[str, Any]:
+        self.student.train()
+        self.method.train()
+        n = len(batch)
+        chunks = self.cfg.grad_accum
+        total = torch.zeros(())
+        terms: dict[str, torch.Tensor] = {}
+        for rows in _chunks(n, chunks):
+            part = batch if chunks == 1 else batch.select(rows)
+            weight = (rows.stop - rows.start) / n
+            teacher_out = self.teacher.outputs(part, self.method.teacher_views) if self.teacher is not None else None
+            student_out = model_outputs(self.student, part, self.method.student_views, self.student_taps)
+            out = self.method(student_out, teacher_out, part, ctx)
+            (out.loss * weight).backward()
+            total = total + out.loss.detach() * weight
+            for k, v in out.terms.items():
+                terms[k] = terms.get(k, 0.0) + v * weight
+        loss = float(total)
+        if not math.isfinite(loss):
+            bad = next((k for k, v in terms.items() if not math.isfinite(float(v))), "loss")
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(ctx.step + 1, bad, float(terms.get(bad, total)))
+        if self.cfg.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.clip_grad_norm
+            )
+        lr = float(self.lrs[ctx.step])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.teacher is not None:
+            self.teacher.after_step(self.student, ctx.step + 1)
+        return {"loss": loss, "terms": terms, "lr": lr}
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> FitResult:
+        epoch, pos, resumed = 0, 0, None
+        if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
+            epoch, pos = self.load_checkpoint(self.checkpoint_path)
+            resumed = self.step
+            self.metrics.truncate_after(self.step)
+        elif self.run_dir is not None:
+            self.metrics.truncate_after(-1)
+        started = time.perf_counter()
+        window = _Window()
+        with self._progress() as bar:
+            task = bar.add_task("train", total=self.total_steps, completed=self.step, loss=float("nan"), sps=0.0)
+            while epoch < self.cfg.epochs:
+                for batch in self.loader.epoch(epoch, start=pos):
+                    ctx = StepContext(self.step, epoch, self.total_steps, self.steps_per_epoch)
+                    logs = self.train_step(batch, ctx)
+                    self.step += 1
+                    pos += 1
+                    window.add(logs, len(batch))
+                    if self.step % self.cfg.log_every == 0:
+                        record = window.flush(self.step, epoch, logs["lr"])
+                        self.metrics.write(record)
+                        bar.update(task, loss=record["loss"], sps=record["samples_per_s"])
+                    bar.update(task, advance=1)
+                    if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and pos < self.steps_per_epoch:
+                        self.save_checkpoint(epoch, pos)
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, self.step, logs)
+                if window.count:
+                    self.metrics.write(window.flush(self.step, epoch, logs["lr"]))
+                val = None
+                if self.val_fn is not None and ((epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs):
+                    val = self.val_fn(self.student)
+                    self.metrics.write({"split": "val", "step": self.step, "epoch": epoch + 1, **val})
+                    bar.update(task, description=f"train · val acc {val.get('accuracy', float('nan')):.3f}")
+                epoch, pos = epoch + 1, 0
+                self.save_checkpoint(epoch, pos)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch, val)
+        self.close()
+        return FitResult(self.step, self.cfg.epochs, time.perf_counter() - started, resumed)
+
+    def close(self) -> None:
+        if self.student_taps is not None:
+            self.student_taps.remove()
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / CHECKPOINT if self.run_dir is not None else None
+
+    def save_checkpoint(self, epoch: int, pos: int) -> None:
+        path = self.checkpoint_path
+        if path is None:
+            return
+        opt_t, opt_m = st.optimizer_state(self.optimizer)
+        rng_t, rng_m = st.rng_state()
+        tensors = {
+            **st.prefixed("student", st.module_state(self.student)),
+            **st.prefixed("method", st.module_state(self.method)),
+            **st.prefixed("optim", opt_t),
+            **st.prefixed("rng", rng_t),
+        }
+        if self.teacher is not None and hasattr(self.teacher, "state_tensors"):
+            tensors.update(st.prefixed("teacher", self.teacher.state_tensors()))
+        meta = {"step": self.step, "epoch": epoch, "pos": pos, "optim": opt_m, "rng": rng_m,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+        st.atomic_save(tensors, meta, path)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path)
+
+    def load_checkpoint(self, path: Path) -> tuple[int, int]:
+        tensors, meta = st.load(path)
+        if meta.get("total_steps") != self.total_steps:
+            from alambic.errors import RunDirError
+
+            raise RunDirError(
+                f"checkpoint {path} was made for {meta.get('total_steps')} steps, this run has "
+                f"{self.total_steps}: the recipe or data changed since (start a new run directory)"
+            )
+        self.student.load_state_dict(st.unprefixed("student", tensors))
+        self.method.load_state_dict(st.unprefixed("method", tensors))
+        st.load_optimizer_state(self.optimizer, st.unprefixed("optim", tensors), meta["optim"])
+        if self.teacher is not None and hasattr(self.teacher, "load_state_tensors"):
+            self.teacher.load_state_tensors(st.unprefixed("teacher", tensors))
+        st.set_rng_state(st.unprefixed("rng", tensors), meta["rng"])
+        self.step = int(meta["step"])
+        return int(meta["epoch"]), int(meta["pos"])
+
+    # -- helpers ----------------------------------------------------------------------------------------
+
+    def _setup_method(self) -> None:
+        """Run one probe batch (eval mode, no grad: no BatchNorm update) so the method can size its heads."""
+        probe = next(iter(self.loader.epoch(0)))
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            teacher_out = self.teacher.outputs(probe, self.method.teacher_views) if self.teacher is not None else None
+            student_out = model_outputs(self.student, probe, self.method.student_views, self.student_taps)
+        self.student.train(was_training)
+        self.method.setup(student_out, teacher_out)
+
+    def _progress(self):
+        return Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:,.0f} samples/s"),
+            TimeRemainingColumn(), disable=not self.show_progress, transient=False,
+        )
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainSpec) -> torch.optim.Optimizer:
+    params = list(params)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _chunks(n: int, k: int) -> list[slice]:
+    size = -(-n // k)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class _Window:
+    """Running means of the loss and its terms between two metric lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.count, self.loss, self.samples = 0, 0.0, 0
+        self.terms: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def add(self, logs: dict[str, Any], samples: int) -> None:
+        self.count += 1
+        self.samples += samples
+        self.loss += logs["loss"]
+        for k, v in logs["terms"].items():
+            self.terms[k] = self.terms.get(k, 0.0) + float(v)
+
+    def flush(self, step: int, epoch: int, lr: float) -> dict[str, Any]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        record = {
+            "split": "train", "step": step, "epoch": epoch, "loss": self.loss / self.count,
+            "terms": {k: v / self.count for k, v in self.terms.items()}, "lr": lr,
+            "samples_per_s": self.samples / elapsed,
+        }
+        self.reset()
+        return record
