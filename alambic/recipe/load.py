@@ -7,6 +7,7 @@ names the full key path, collected into a single :class:`~alambic.errors.RecipeE
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ValidationError
 from alambic.errors import RecipeError
 from alambic.recipe.schema import ModelSpec, Recipe, Selector
 from alambic.registry import DATASETS, METHODS, MODELS, Registry
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def load_recipe(source: str | Path | dict[str, Any] | None = None, overrides: Iterable[str] = ()) -> Recipe:
@@ -58,6 +61,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)

@@ -121,6 +121,6 @@ def plot_reliability(
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (max softmax probability)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability ({n_bins} bins): {title}", fontsize="medium")
+    ax.set_title(f"Reliability diagram, {n_bins} bins\n{title}", fontsize="medium")
     ax.legend(loc="upper left", fontsize="small")
     return _save(fig, path)

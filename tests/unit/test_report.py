@@ -45,7 +45,9 @@ def _metrics():
              "terms": {"ce": 1.0 / step, "kd": 1.0 / step}, "lr": 1e-3, "samples_per_s": 5000.0}
         )
         if step % 20 == 0:
-            records.append({"split": "val", "step": step, "epoch": step // 20, "accuracy": 0.8 + step / 1000, "loss": 0.3})
+            records.append(
+                {"split": "val", "step": step, "epoch": step // 20, "accuracy": 0.8 + step / 1000, "loss": 0.3}
+            )
     return records
 
 

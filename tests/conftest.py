@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny data and recipes that train in well under a second."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import alambic  # noqa: F401  (registers datasets, models, methods)
+from alambic.data import build_data
+from alambic.recipe import load_recipe
+
+torch.set_num_threads(1)
+os.environ.setdefault("COLUMNS", "120")
+
+
+def tiny_recipe(**sections) -> dict:
+    """A recipe dict for a fast digits run; keyword arguments replace whole sections."""
+    base = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"name": "digits"},
+        "student": {"arch": "mlp", "hidden": [16]},
+        "method": {"name": "ce"},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.01, "log_every": 5},
+        "eval": {"latency_repeats": 3},
+    }
+    base.update(sections)
+    return base
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return build_data(load_recipe(tiny_recipe()).data)
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory):
+    """A finished (briefly trained) teacher run directory, shared by the tests that need one."""
+    from alambic.run import run
+
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    recipe = load_recipe(tiny_recipe(student={"arch": "mlp", "hidden": [64]}, train={"epochs": 3, "lr": 0.01}))
+    run(recipe, out, progress=False)
+    return out
