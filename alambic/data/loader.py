@@ -65,9 +65,10 @@ class TensorLoader(_EpochLoader):
         s, bs = self.split, self.batch_size
         pos = self._positions(epoch, start)
         for i in range(0, len(pos), bs):
-            if self.shuffle:
+            if self.shuffle:  # index_select: about twice as fast as x[rows] on CPU
                 rows = pos[i : i + bs]
-                yield Batch(views={INPUT: s.x[rows]}, index=s.index[rows], target=s.y[rows], labeled=s.labeled[rows])
+                pick = lambda t: t.index_select(0, rows)  # noqa: E731
+                yield Batch(views={INPUT: pick(s.x)}, index=pick(s.index), target=pick(s.y), labeled=pick(s.labeled))
             else:  # contiguous rows: slices are views, no copy
                 a = int(pos[i])
                 sl = slice(a, a + len(pos[i : i + bs]))

@@ -34,7 +34,7 @@ def state_fingerprint(module: nn.Module, *extra: str) -> str:
     for name, tensor in module.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for e in extra:
         h.update(e.encode())
     return h.hexdigest()[:16]

@@ -39,7 +39,9 @@ def digits():
 
 def imbalanced_labels() -> torch.Tensor:
     # 3 classes of very different sizes, interleaved so that a non-stratified cut would be visibly off
-    return torch.tensor([0] * 200 + [1] * 60 + [2] * 20)[torch.randperm(280, generator=torch.Generator().manual_seed(1))]
+    # counts chosen so that rounding per class (40 + 12 + 4 test samples) misses round(0.2 * 283) = 57
+    y = torch.tensor([0] * 201 + [1] * 61 + [2] * 21)
+    return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -114,14 +116,18 @@ def _image_folder(root, colours: dict[str, list[tuple[int, int, int]]]):
 
 
 def test_image_folder_classes_are_sorted_subfolders(tmp_path):
-    _image_folder(tmp_path, {"zebra": [(255, 255, 255)], "ant": [(0, 0, 0), (0, 0, 0)]})
+    # created out of order: the stable index must not depend on the file system's listing order
+    _image_folder(tmp_path, {"zebra": [(255, 255, 255)], "mole": [(9, 9, 9)], "ant": [(0, 0, 0), (51, 51, 51)],
+                             "cat": [(1, 1, 1)], "bee": [(2, 2, 2)]})
+    (tmp_path / "ant" / "1.png").rename(tmp_path / "ant" / "a.png")  # file order: 0.png, a.png
     (tmp_path / "notes.txt").write_text("not a class")
     raw = load_image_folder(ImageFolderConfig(path=tmp_path, size=4))
-    assert raw.class_names == ["ant", "zebra"] and raw.y.tolist() == [0, 0, 1]
-    assert raw.x.shape == (3, 1, 4, 4)
-    assert torch.all(raw.x[:2] == 0) and torch.allclose(raw.x[2], torch.ones(1, 4, 4))
+    assert raw.class_names == ["ant", "bee", "cat", "mole", "zebra"] and raw.y.tolist() == [0, 0, 1, 2, 3, 4]
+    assert raw.x.shape == (6, 1, 4, 4)
+    assert torch.all(raw.x[0] == 0) and torch.allclose(raw.x[1], torch.full((1, 4, 4), 0.2))
+    assert torch.allclose(raw.x[5], torch.ones(1, 4, 4))
     rgb = load_image_folder(ImageFolderConfig(path=tmp_path, size=4, grayscale=False))
-    assert rgb.x.shape == (3, 3, 4, 4) and rgb.fingerprint != raw.fingerprint
+    assert rgb.x.shape == (6, 3, 4, 4) and rgb.fingerprint != raw.fingerprint
 
 
 def test_image_folder_errors(tmp_path):
@@ -154,10 +160,10 @@ def test_split_is_a_stratified_partition():
     tr, va, te = stratified_split(y, 0.15, 0.2, seed=0)
     allidx = torch.cat([tr, va, te])
     assert len(allidx) == len(y) and torch.equal(allidx.sort().values, torch.arange(len(y)))
-    assert len(va) == round(0.15 * 280) and len(te) == round(0.2 * 280)
+    assert len(va) == round(0.15 * 283) and len(te) == round(0.2 * 283)
     for part, frac in ((va, 0.15), (te, 0.2)):
         counts = torch.bincount(y[part], minlength=3)
-        assert torch.all((counts - frac * torch.tensor([200, 60, 20])).abs() <= 1), counts
+        assert torch.all((counts - frac * torch.tensor([201, 61, 21])).abs() <= 1), counts
 
 
 def test_split_depends_on_seed_only():

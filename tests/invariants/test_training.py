@@ -1,0 +1,165 @@
+"""Invariants of the loop: resume == uninterrupted, accumulation == bigger batch, atomic checkpoints,
+non-finite losses stop the run without losing the last good checkpoint, seeds make runs reproducible."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alambic.data import bundle_from_arrays, make_loader
+from alambic.errors import NonFiniteLossError
+from alambic.methods.ce import CrossEntropy
+from alambic.models import MLP
+from alambic.recipe import load_recipe
+from alambic.recipe.schema import TrainSpec
+from alambic.run import run
+from alambic.train import Callback, Trainer
+from alambic.train import state as st
+from tests.conftest import tiny_recipe
+
+
+class KillAt(Callback):
+    """Simulates a kill right after optimizer step ``step`` (before anything else is written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "student.safetensors"))
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def kd_recipe(teacher_run, **train):
+    return load_recipe(tiny_recipe(
+        data={"name": "digits", "labeled_fraction": 0.3},
+        student={"arch": "mlp", "hidden": [16], "dropout": 0.1},  # dropout: the RNG state must resume too
+        teacher={"run": str(teacher_run)},
+        method={"name": "fitnet", "student_tap": "body.act0", "teacher_tap": "body.act0", "hint_epochs": 1},
+        train={"epochs": 3, "batch_size": 64, "lr": 0.01, "log_every": 2, "warmup_epochs": 0.5, **train},
+    ))
+
+
+# 1168 training images / 64 = 19 steps per epoch: checkpoints at epoch ends (19, 38) and every k steps
+@pytest.mark.parametrize("checkpoint_every, kill_step, last_checkpoint", [(0, 23, 19), (4, 30, 28)])
+def test_resume_after_a_kill_is_bit_identical(tmp_path, teacher_run, checkpoint_every, kill_step, last_checkpoint):
+    recipe = kd_recipe(teacher_run, checkpoint_every=checkpoint_every)
+    run(recipe, tmp_path / "straight", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp_path / "killed", progress=False, callbacks=[KillAt(kill_step)])
+    assert not (tmp_path / "killed" / "student.safetensors").exists()
+    summary = run(recipe, tmp_path / "killed", resume=True, progress=False)
+    assert summary["train"]["resumed_from_step"] == last_checkpoint
+    assert_bit_identical(weights(tmp_path / "straight"), weights(tmp_path / "killed"))
+    # the metrics of the redone steps are not duplicated
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "train"]
+    assert steps == sorted(set(steps))
+
+
+def test_resume_refuses_a_changed_recipe_and_a_fresh_run_refuses_a_used_directory(tmp_path):
+    recipe = load_recipe(tiny_recipe())
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp_path / "r", progress=False, callbacks=[KillAt(3)])
+    from alambic.errors import RunDirError
+
+    with pytest.raises(RunDirError, match="unfinished run: pass --resume"):
+        run(recipe, tmp_path / "r", progress=False)
+    changed = load_recipe(tiny_recipe(), ["train.lr=0.5"])
+    with pytest.raises(RunDirError, match=r"differs from .* at train.lr \(0.01 -> 0.5\)"):
+        run(changed, tmp_path / "r", resume=True, progress=False)
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 6), torch.randint(0, 3, (96,))
+    data = bundle_from_arrays(x, y, val_fraction=0.1, test_fraction=0.1)
+    results = []
+    for accum in (1, 4):
+        torch.manual_seed(1)
+        model = MLP(6, [8], 3)
+        cfg = TrainSpec(epochs=2, batch_size=16, grad_accum=accum, lr=0.05, optimizer="sgd", log_every=100)
+        loader = make_loader(data.train, cfg.batch_size, seed=0)
+        Trainer(model, CrossEntropy(), loader, cfg, progress=False).fit()
+        results.append(model.state_dict())
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(results[0]["head.weight"], MLP(6, [8], 3).head.weight)  # it did train
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    a = run(load_recipe(tiny_recipe()), tmp_path / "a", progress=False)
+    run(load_recipe(tiny_recipe()), tmp_path / "b", progress=False)
+    run(load_recipe(tiny_recipe(), ["seed=1"]), tmp_path / "c", progress=False)
+    assert_bit_identical(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert not torch.equal(weights(tmp_path / "a")["head.weight"], weights(tmp_path / "c")["head.weight"])
+    assert 0.0 <= a["test"]["accuracy"] <= 1.0
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.safetensors"
+    st.atomic_save({"w": torch.ones(3)}, {"step": 1}, path)
+
+    def dies_halfway(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"\x00" * 7)  # a torn write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "save_file", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        st.atomic_save({"w": torch.zeros(3)}, {"step": 2}, path)
+    tensors, meta = st.load(path)
+    assert meta == {"step": 1} and torch.equal(tensors["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]  # no temp file left behind
+
+
+def test_a_leftover_temp_file_from_a_kill_does_not_block_resume(tmp_path):
+    recipe = load_recipe(tiny_recipe())
+    run(recipe, tmp_path / "straight", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp_path / "r", progress=False, callbacks=[KillAt(20)])
+    (tmp_path / "r" / ".checkpoint.safetensors.tmp-99999").write_bytes(b"garbage")  # SIGKILL mid-write
+    run(recipe, tmp_path / "r", resume=True, progress=False)
+    assert_bit_identical(weights(tmp_path / "straight"), weights(tmp_path / "r"))
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    from alambic.errors import AlambicError
+
+    bad = tmp_path / "checkpoint.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(AlambicError, match=f"checkpoint {bad} is unreadable"):
+        st.load(bad)
+
+
+class PoisonAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.step:
+            with torch.no_grad():
+                trainer.student.head.weight.fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path):
+    recipe = load_recipe(tiny_recipe(), ["train.checkpoint_every=3"])
+    with pytest.raises(NonFiniteLossError) as info:
+        run(recipe, tmp_path / "r", progress=False, callbacks=[PoisonAt(4)])
+    assert str(info.value).startswith("non-finite loss at step 5: term 'ce' = nan")
+    _, meta = st.load(tmp_path / "r" / "checkpoint.safetensors")
+    assert meta["step"] == 3
+    tensors, _ = st.load(tmp_path / "r" / "checkpoint.safetensors")
+    assert torch.isfinite(tensors["student.head.weight"]).all()
