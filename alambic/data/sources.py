@@ -227,7 +227,9 @@ def load_image_folder(options: ImageFolderConfig) -> RawData:
     ys: list[int] = []
     for label, folder in enumerate(classes):
         files = sorted(
-            f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+            f
+            for f in folder.iterdir()
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
         )
         if not files:
             raise AlambicError(f"{folder}: class folder has no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)})")

@@ -96,7 +96,9 @@ def stratified_split(
     y = _as_numpy_labels(y)
     n = len(y)
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise AlambicError(f"split fractions must be in (0, 1) with a sum below 1, got val {val_fraction}, test {test_fraction}")
+        raise AlambicError(
+            f"split fractions must be in (0, 1) with a sum below 1, got val {val_fraction}, test {test_fraction}"
+        )
     if n < 3:
         raise AlambicError(f"cannot split {n} samples into train, val and test (need at least 3)")
     classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
@@ -224,7 +226,8 @@ def bundle_from_arrays(
         )
     yn, names = normalize_labels(yn, class_names, "bundle_from_arrays")
     xn = np.ascontiguousarray(xn, dtype=np.float32)
-    raw = RawData(torch.from_numpy(xn), torch.from_numpy(yn), names, fingerprint(xn, yn, classes=names, source="arrays"))
+    fp = fingerprint(xn, yn, classes=names, source="arrays")
+    raw = RawData(torch.from_numpy(xn), torch.from_numpy(yn), names, fp)
     return bundle(
         raw,
         val_fraction=val_fraction,

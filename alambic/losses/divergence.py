@@ -59,6 +59,8 @@ def js_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     Args: student_logits, teacher_logits: [B, C]; teacher treated as a constant. Returns: scalar.
     """
     _same_shape(student_logits, teacher_logits, "js_loss")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     c = student_logits.shape[-1]
     log_p_s = F.log_softmax(student_logits.reshape(-1, c) / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.detach().reshape(-1, c) / temperature, dim=-1)

@@ -14,9 +14,11 @@ class CEConfig(MethodConfig):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
-@METHODS.register("ce", paper="baseline: cross-entropy on the labelled samples, no teacher")
+@METHODS.register("ce")
 class CrossEntropy(Method):
     """Cross-entropy on the labelled samples only; unlabelled samples are dropped from its training set."""
+
+    paper = "baseline: cross-entropy on the labelled samples, no teacher"
 
     Config = CEConfig
 

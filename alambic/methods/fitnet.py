@@ -42,10 +42,7 @@ def make_regressor(student_feature: Tensor, teacher_feature: Tensor) -> nn.Modul
     )
 
 
-@METHODS.register(
-    "fitnet",
-    paper='Romero et al., "FitNets: Hints for Thin Deep Nets", 2015, arXiv:1412.6550',
-)
+@METHODS.register("fitnet")
 class FitNet(Method):
     """Hint-based training followed (or accompanied) by Hinton KD.
 
@@ -53,6 +50,8 @@ class FitNet(Method):
     student up to its guided layer and the regressor; stage 2 trains the whole student with KD. With
     ``hint_epochs: 0`` both run jointly: ``(1 − α)·CE + α·KD + hint_weight·hint``.
     """
+
+    paper = 'Romero et al., "FitNets: Hints for Thin Deep Nets", 2015, arXiv:1412.6550'
 
     Config = FitNetConfig
     needs_teacher = True

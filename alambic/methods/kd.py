@@ -17,16 +17,15 @@ class KDConfig(MethodConfig):
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs the label term")
 
 
-@METHODS.register(
-    "kd",
-    paper='Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015, arXiv:1503.02531',
-)
+@METHODS.register("kd")
 class KD(Method):
     """``(1 − α)·CE(labels) + α·T²·KL(p_T ‖ p_S)``; unlabelled samples contribute through the KD term.
 
     The KD term averages over every sample of the batch, the label term over its labelled samples, so in a
     label-scarce run the teacher teaches on the unlabelled rest (the transfer set of Hinton et al. §2).
     """
+
+    paper = 'Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015, arXiv:1503.02531'
 
     Config = KDConfig
     needs_teacher = True
@@ -45,17 +44,18 @@ class LabelFreeConfig(MethodConfig):
     divergence: Literal["js", "kl"] = Field("js", description="SSLD reports JS above KL by ~0.2 points")
 
 
-@METHODS.register(
-    "label_free_kd",
-    paper='Cui et al., "Beyond Self-Supervision: A Simple Yet Effective Network Distillation Alternative '
-    'to Improve Backbones" (SSLD), 2021, arXiv:2103.05959',
-)
+@METHODS.register("label_free_kd")
 class LabelFreeKD(Method):
     """The student matches the teacher's soft predictions only: no label enters the loss.
 
     Because the loss never reads a target, every unlabelled sample is as useful as a labelled one, which is
     what lets SSLD mine millions of unlabelled images; permuting the labels changes nothing.
     """
+
+    paper = (
+        'Cui et al., "Beyond Self-Supervision: A Simple Yet Effective Network Distillation Alternative '
+        'to Improve Backbones" (SSLD), 2021, arXiv:2103.05959'
+    )
 
     Config = LabelFreeConfig
     needs_teacher = True
