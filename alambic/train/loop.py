@@ -161,7 +161,8 @@ class Trainer:
                 if self.val_fn is not None and ((epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs):
                     val = self.val_fn(self.student)
                     self.metrics.write({"split": "val", "step": self.step, "epoch": epoch + 1, **val})
-                    bar.update(task, description=f"train · val acc {val.get('accuracy', float('nan')):.3f}")
+                    bar.update(task, description=f"epoch {epoch + 1}/{self.cfg.epochs} · val acc "
+                                                 f"{val.get('accuracy', float('nan')):.3f}")
                 epoch, pos = epoch + 1, 0
                 self.save_checkpoint(epoch, pos)
                 for cb in self.callbacks:

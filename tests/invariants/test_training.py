@@ -163,3 +163,22 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_
     assert meta["step"] == 3
     tensors, _ = st.load(tmp_path / "r" / "checkpoint.safetensors")
     assert torch.isfinite(tensors["student.head.weight"]).all()
+
+
+def test_a_torch_dataset_trains_exactly_like_the_same_in_memory_split():
+    """Any ``torch.utils.data.Dataset`` plugs into the loop through ``make_loader`` (the Python API path)."""
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(80, 5), torch.randint(0, 3, (80,))
+    data = bundle_from_arrays(x, y, val_fraction=0.1, test_fraction=0.1)
+    cfg = TrainSpec(epochs=2, batch_size=16, lr=0.05, log_every=100)
+    finals = []
+    for loader in (make_loader(data.train, 16, seed=3),
+                   make_loader(TensorDataset(data.train.x, data.train.y), 16, seed=3)):
+        torch.manual_seed(1)
+        model = MLP(5, [8], 3)
+        Trainer(model, CrossEntropy(), loader, cfg, progress=False).fit()
+        finals.append(model.state_dict())
+    for k in finals[0]:
+        assert torch.equal(finals[0][k], finals[1][k]), k
