@@ -68,12 +68,17 @@ def _table(teacher: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> di
     return {"models": out}
 
 
+def _acc(m: dict[str, Any]) -> str:
+    mean = f"{m['accuracy_mean']:.4f}"
+    return mean if m["seeds"] == 1 else f"{mean} ± {m['accuracy_std']:.4f}"
+
+
 def _print(result: dict[str, Any], console: Console) -> None:
     table = Table(title="digits test accuracy (students: 10% of training labels)")
     for col in ("model", "test accuracy", "seeds", "params", "CPU latency ms/sample"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, m in result["models"].items():
-        table.add_row(name, f"{m['accuracy_mean']:.4f} ± {m['accuracy_std']:.4f}", str(m["seeds"]),
+        table.add_row(name, _acc(m), str(m["seeds"]),
                       f"{m['params']:,}", f"{m['latency_ms']:.4f}")
     console.print(table)
 
@@ -84,6 +89,6 @@ def _markdown(result: dict[str, Any]) -> str:
              "images (`student-kd` also learns from the teacher on all of them). Mean ± std over seeds.", "",
              "| model | test accuracy | seeds | params | CPU latency ms/sample |", "|---|---|---|---|---|"]
     for name, m in result["models"].items():
-        lines.append(f"| {name} | {m['accuracy_mean']:.4f} ± {m['accuracy_std']:.4f} | {m['seeds']} | "
+        lines.append(f"| {name} | {_acc(m)} | {m['seeds']} | "
                      f"{m['params']:,} | {m['latency_ms']:.4f} |")
     return "\n".join(lines) + "\n"

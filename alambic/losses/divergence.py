@@ -23,6 +23,17 @@ def _same_shape(student: Tensor, teacher: Tensor, what: str) -> None:
         )
 
 
+def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float, what: str) -> tuple[Tensor, Tensor]:
+    """Checked, temperature-scaled log-softmax of both sides as [N, C] rows (the teacher detached)."""
+    _same_shape(student_logits, teacher_logits, what)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    c = student_logits.shape[-1]
+    log_p_s = F.log_softmax(student_logits.reshape(-1, c) / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().reshape(-1, c) / temperature, dim=-1)
+    return log_p_s, log_p_t
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
     """Hinton's distillation loss: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over the batch.
 
@@ -39,12 +50,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     Returns:
         scalar: the sum over classes, mean over samples ("batchmean"), times T².
     """
-    _same_shape(student_logits, teacher_logits, "kd_loss")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    c = student_logits.shape[-1]
-    log_p_s = F.log_softmax(student_logits.reshape(-1, c) / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().reshape(-1, c) / temperature, dim=-1)
+    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature, "kd_loss")
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     return kl.mean() * temperature**2
 
@@ -58,12 +64,7 @@ def js_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 
     Args: student_logits, teacher_logits: [B, C]; teacher treated as a constant. Returns: scalar.
     """
-    _same_shape(student_logits, teacher_logits, "js_loss")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    c = student_logits.shape[-1]
-    log_p_s = F.log_softmax(student_logits.reshape(-1, c) / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().reshape(-1, c) / temperature, dim=-1)
+    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature, "js_loss")
     log_m = torch.logsumexp(torch.stack([log_p_s, log_p_t]), dim=0) - math.log(2.0)
     kl_t = (log_p_t.exp() * (log_p_t - log_m)).sum(-1)
     kl_s = (log_p_s.exp() * (log_p_s - log_m)).sum(-1)

@@ -51,21 +51,26 @@ def plot_learning_curves(metrics: list[dict], path: str | os.PathLike) -> Path:
             ax_loss.plot(*zip(*points), label=name, linewidth=1)
         ax_loss.legend(loc="best", fontsize="small")
     else:
-        ax_loss.text(0.5, 0.5, "no training records", ha="center", va="center", transform=ax_loss.transAxes)
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_title("training loss and terms")
-    ax_loss.grid(alpha=0.3)
+        _empty(ax_loss, "no training records")
+    _label(ax_loss, "loss", "training loss and terms")
 
     if val:
         ax_val.plot([r["step"] for r in val], [r["accuracy"] for r in val], marker="o", color="tab:green")
     else:
-        ax_val.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax_val.transAxes)
-    ax_val.set_xlabel("step")
-    ax_val.set_ylabel("accuracy")
-    ax_val.set_title("validation accuracy")
-    ax_val.grid(alpha=0.3)
+        _empty(ax_val, "no validation records")
+    _label(ax_val, "accuracy", "validation accuracy")
     return _save(fig, path)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+
+
+def _label(ax, ylabel: str, title: str) -> None:
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
 
 
 def plot_reliability(
