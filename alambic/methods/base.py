@@ -9,8 +9,9 @@ drops them from the method's training set). Its options live in its own strict `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
@@ -33,6 +34,21 @@ class StepContext:
     total_steps: int
     steps_per_epoch: int
     values: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SetupInfo:
+    """What a method may need to size its state before training: models, data and schedule sizes."""
+
+    student: nn.Module
+    num_classes: int
+    num_samples: int  # 1 + the largest stable sample index: the row count of a per-sample store
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
 
 
 @dataclass
@@ -62,8 +78,18 @@ class Method(nn.Module):
     def teacher_taps(self) -> list[str]:
         return []
 
-    def setup(self, student: Mapping[str, ModelOutput], teacher: Mapping[str, ModelOutput] | None) -> None:
-        """Build trainable heads from one probe batch's outputs (shapes); called once before training."""
+    def setup(
+        self, student: Mapping[str, ModelOutput], teacher: Mapping[str, ModelOutput] | None, info: SetupInfo
+    ) -> None:
+        """Build heads and state from one probe batch's outputs (their shapes) and ``info``.
+
+        Called once, before the optimizer exists, so every parameter created here is trained; every buffer
+        and parameter registered on the method is checkpointed.
+        """
+
+    def schedules(self, info: SetupInfo) -> dict[str, np.ndarray]:
+        """Per-step values (one per optimizer step) the loop hands over as ``ctx.values[name]``."""
+        return {}
 
     def forward(
         self,
@@ -74,5 +100,3 @@ class Method(nn.Module):
     ) -> MethodOutput:
         raise NotImplementedError
 
-    def extra_state_summary(self) -> dict[str, Any]:
-        return {}

@@ -67,7 +67,7 @@ class FitNet(Method):
     def teacher_taps(self) -> list[str]:
         return [self.config.teacher_tap]
 
-    def setup(self, student, teacher) -> None:
+    def setup(self, student, teacher, info) -> None:
         self.regressor = make_regressor(
             student[INPUT].features[self.config.student_tap], teacher[INPUT].features[self.config.teacher_tap]
         )

@@ -24,7 +24,7 @@ from torch import nn
 
 from alambic.data.batch import Batch
 from alambic.errors import NonFiniteLossError
-from alambic.methods.base import Method, StepContext
+from alambic.methods.base import Method, SetupInfo, StepContext
 from alambic.models.taps import Taps
 from alambic.recipe.schema import TrainSpec
 from alambic.teachers.base import Teacher
@@ -78,11 +78,15 @@ class Trainer:
         self.student_taps = Taps(student, method.student_taps()).attach() if method.student_taps() else None
         if teacher is not None and hasattr(teacher, "use_taps"):
             teacher.use_taps(method.teacher_taps())
-        self._setup_method()
-        params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
-        self.optimizer = make_optimizer(params, cfg)
         self.steps_per_epoch = len(train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.info = self._setup_method()
+        self.method_schedules = method.schedules(self.info)
+        for name, values in self.method_schedules.items():
+            if len(values) != self.total_steps:
+                raise ValueError(f"schedule '{name}' has {len(values)} values for {self.total_steps} steps")
+        params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
+        self.optimizer = make_optimizer(params, cfg)
         warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         self.lrs = lr_schedule(cfg.lr, self.total_steps, self.steps_per_epoch, cfg.schedule, warmup,
                                cfg.step_epochs, cfg.step_gamma)
@@ -141,7 +145,8 @@ class Trainer:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, loss=float("nan"), sps=0.0)
             while epoch < self.cfg.epochs:
                 for batch in self.loader.epoch(epoch, start=pos):
-                    ctx = StepContext(self.step, epoch, self.total_steps, self.steps_per_epoch)
+                    ctx = StepContext(self.step, epoch, self.total_steps, self.steps_per_epoch,
+                                      {k: float(v[self.step]) for k, v in self.method_schedules.items()})
                     logs = self.train_step(batch, ctx)
                     self.step += 1
                     pos += 1
@@ -220,8 +225,8 @@ class Trainer:
 
     # -- helpers ----------------------------------------------------------------------------------------
 
-    def _setup_method(self) -> None:
-        """Run one probe batch (eval mode, no grad: no BatchNorm update) so the method can size its heads."""
+    def _setup_method(self) -> SetupInfo:
+        """Run one probe batch (eval mode, no grad: no BatchNorm update) so the method can size its state."""
         probe = next(iter(self.loader.epoch(0)))
         was_training = self.student.training
         self.student.eval()
@@ -229,7 +234,11 @@ class Trainer:
             teacher_out = self.teacher.outputs(probe, self.method.teacher_views) if self.teacher is not None else None
             student_out = model_outputs(self.student, probe, self.method.student_views, self.student_taps)
         self.student.train(was_training)
-        self.method.setup(student_out, teacher_out)
+        first = student_out[self.method.student_views[0]].logits
+        info = SetupInfo(self.student, int(first.shape[-1]), _num_samples(self.loader), self.steps_per_epoch,
+                         self.cfg.epochs)
+        self.method.setup(student_out, teacher_out, info)
+        return info
 
     def _progress(self):
         return Progress(
@@ -237,6 +246,14 @@ class Trainer:
             TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:,.0f} samples/s"),
             TimeRemainingColumn(), disable=not self.show_progress, transient=False,
         )
+
+
+def _num_samples(loader) -> int:
+    """Rows a per-sample store needs: 1 + the largest stable index the loader yields."""
+    data = getattr(loader, "split", None)
+    if data is not None:
+        return int(data.index.max()) + 1
+    return len(getattr(loader, "dataset"))
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainSpec) -> torch.optim.Optimizer:

@@ -182,3 +182,33 @@ def test_a_torch_dataset_trains_exactly_like_the_same_in_memory_split():
         finals.append(model.state_dict())
     for k in finals[0]:
         assert torch.equal(finals[0][k], finals[1][k]), k
+
+
+def test_method_schedules_reach_ctx_per_step_and_setup_sees_the_data_sizes():
+    import numpy as np
+
+    from alambic.data.batch import INPUT
+    from alambic.methods.base import Method, MethodOutput
+
+    seen: list[float] = []
+
+    class Recorder(Method):
+        def setup(self, student, teacher, info):
+            self.info = info
+
+        def schedules(self, info):
+            return {"w": np.arange(info.total_steps) * 10.0}
+
+        def forward(self, student, teacher, batch, ctx):
+            seen.append(ctx.values["w"])
+            logits = student[INPUT].logits
+            return MethodOutput(logits.pow(2).mean(), {}, logits)
+
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    data = bundle_from_arrays(x, y, val_fraction=0.2, test_fraction=0.2)
+    method = Recorder()
+    trainer = Trainer(MLP(4, [5], 3), method, make_loader(data.train, 8), TrainSpec(epochs=2, batch_size=8),
+                      progress=False)
+    trainer.fit()
+    assert method.info.num_classes == 3 and method.info.num_samples == int(data.train.index.max()) + 1
+    assert seen == [10.0 * i for i in range(trainer.total_steps)]

@@ -249,7 +249,7 @@ def make_fitnet(**cfg) -> tuple[FitNet, dict, dict]:
     method = FitNet(FitNetConfig(student_tap="body.act0", teacher_tap="body.act1", **cfg))
     s_feat = torch.randn(4, 3, 6, 6, dtype=torch.float64)
     t_feat = torch.randn(4, 5, 4, 4, dtype=torch.float64)
-    method.setup(outs(f64(S), **{"body.act0": s_feat}), outs(f64(T), **{"body.act1": t_feat}))
+    method.setup(outs(f64(S), **{"body.act0": s_feat}), outs(f64(T), **{"body.act1": t_feat}), None)
     method.double()
     return method, s_feat, t_feat
 
