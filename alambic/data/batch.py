@@ -27,7 +27,7 @@ class Batch:
     views: Mapping[str, Tensor]
     index: Tensor  # [B] int64 stable sample ids
     target: Tensor | None = None  # [B] int64 class ids, IGNORE_INDEX where unlabelled
-    labeled: Tensor | None = None  # [B] bool
+    labeled: Tensor | None = None  # [B] bool; None: every target is a real label
     extras: Mapping[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -36,6 +36,11 @@ class Batch:
     @property
     def input(self) -> Tensor:
         return self.views[INPUT]
+
+    @property
+    def all_labeled(self) -> bool:
+        """True when the loader promised every target is a real label (``labeled`` is None)."""
+        return self.labeled is None and self.target is not None
 
     def labeled_mask(self) -> Tensor:
         """[B] bool: which samples have a real label (all of them when no mask was given)."""

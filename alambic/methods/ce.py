@@ -24,5 +24,5 @@ class CrossEntropy(Method):
 
     def forward(self, student, teacher, batch, ctx) -> MethodOutput:
         logits = student[INPUT].logits
-        ce = masked_cross_entropy(logits, batch.target, self.config.label_smoothing)
+        ce = masked_cross_entropy(logits, batch.target, self.config.label_smoothing, batch.all_labeled)
         return MethodOutput(ce, {"ce": ce.detach()}, logits)

@@ -79,7 +79,7 @@ class FitNet(Method):
         if ctx.epoch < cfg.hint_epochs:
             return MethodOutput(hint, {"hint": hint.detach()}, s_out.logits)
         kd = cfg.alpha * kd_loss(s_out.logits, t_out.logits, cfg.temperature)
-        ce = (1 - cfg.alpha) * masked_cross_entropy(s_out.logits, batch.target)
+        ce = (1 - cfg.alpha) * masked_cross_entropy(s_out.logits, batch.target, all_labeled=batch.all_labeled)
         terms = {"ce": ce.detach(), "kd": kd.detach()}
         loss = ce + kd
         if cfg.hint_epochs == 0 and cfg.hint_weight > 0:

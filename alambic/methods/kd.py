@@ -35,7 +35,7 @@ class KD(Method):
         s, t = student[INPUT].logits, teacher[INPUT].logits
         a = self.config.alpha
         kd = a * kd_loss(s, t, self.config.temperature)
-        ce = (1 - a) * masked_cross_entropy(s, batch.target) if a < 1 else s.sum() * 0.0
+        ce = (1 - a) * masked_cross_entropy(s, batch.target, all_labeled=batch.all_labeled) if a < 1 else s.sum() * 0.0
         return MethodOutput(ce + kd, {"ce": ce.detach(), "kd": kd.detach()}, s)
 
 

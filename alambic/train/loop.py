@@ -89,28 +89,30 @@ class Trainer:
         self.optimizer = make_optimizer(params, cfg)
         warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         self.lrs = lr_schedule(cfg.lr, self.total_steps, self.steps_per_epoch, cfg.schedule, warmup,
-                               cfg.step_epochs, cfg.step_gamma)
+                               cfg.step_epochs, cfg.step_gamma).tolist()
         self.step = 0
 
     # -- one step ---------------------------------------------------------------------------------------
 
     def train_step(self, batch: Batch, ctx: StepContext) -> dict[str, Any]:
-        self.student.train()
-        self.method.train()
-        n = len(batch)
-        chunks = self.cfg.grad_accum
-        total = torch.zeros(())
-        terms: dict[str, torch.Tensor] = {}
-        for rows in _chunks(n, chunks):
-            part = batch if chunks == 1 else batch.select(rows)
-            weight = (rows.stop - rows.start) / n
-            teacher_out = self.teacher.outputs(part, self.method.teacher_views) if self.teacher is not None else None
-            student_out = model_outputs(self.student, part, self.method.student_views, self.student_taps)
-            out = self.method(student_out, teacher_out, part, ctx)
-            (out.loss * weight).backward()
-            total = total + out.loss.detach() * weight
-            for k, v in out.terms.items():
-                terms[k] = terms.get(k, 0.0) + v * weight
+        if not self.student.training:  # .train() walks every submodule: only when something switched it off
+            self.student.train()
+        if not self.method.training:
+            self.method.train()
+        if self.cfg.grad_accum == 1:
+            out = self._forward(batch, ctx)
+            out.loss.backward()
+            total, terms = out.loss.detach(), dict(out.terms)
+        else:  # chunks weighted by their share of the batch: the mean over the batch, as one big step
+            n = len(batch)
+            total, terms = torch.zeros(()), {}
+            for rows in _chunks(n, self.cfg.grad_accum):
+                weight = (rows.stop - rows.start) / n
+                out = self._forward(batch.select(rows), ctx)
+                (out.loss * weight).backward()
+                total = total + out.loss.detach() * weight
+                for k, v in out.terms.items():
+                    terms[k] = terms.get(k, 0.0) + v * weight
         loss = float(total)
         if not math.isfinite(loss):
             bad = next((k for k, v in terms.items() if not math.isfinite(float(v))), "loss")
@@ -120,7 +122,7 @@ class Trainer:
             nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.clip_grad_norm
             )
-        lr = float(self.lrs[ctx.step])
+        lr = self.lrs[ctx.step]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -128,6 +130,12 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.after_step(self.student, ctx.step + 1)
         return {"loss": loss, "terms": terms, "lr": lr}
+
+    def _forward(self, batch: Batch, ctx: StepContext):
+        """Teacher outputs, student outputs, the method's loss: the top of the diagram."""
+        teacher_out = self.teacher.outputs(batch, self.method.teacher_views) if self.teacher is not None else None
+        student_out = model_outputs(self.student, batch, self.method.student_views, self.student_taps)
+        return self.method(student_out, teacher_out, batch, ctx)
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -278,7 +286,7 @@ class _Window:
 
     def reset(self) -> None:
         self.count, self.loss, self.samples = 0, 0.0, 0
-        self.terms: dict[str, float] = {}
+        self.terms: dict[str, Any] = {}
         self.started = time.perf_counter()
 
     def add(self, logs: dict[str, Any], samples: int) -> None:
@@ -286,13 +294,13 @@ class _Window:
         self.samples += samples
         self.loss += logs["loss"]
         for k, v in logs["terms"].items():
-            self.terms[k] = self.terms.get(k, 0.0) + float(v)
+            self.terms[k] = self.terms.get(k, 0.0) + v  # tensors: converted once per flush, not per step
 
     def flush(self, step: int, epoch: int, lr: float) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {
             "split": "train", "step": step, "epoch": epoch, "loss": self.loss / self.count,
-            "terms": {k: v / self.count for k, v in self.terms.items()}, "lr": lr,
+            "terms": {k: float(v) / self.count for k, v in self.terms.items()}, "lr": lr,
             "samples_per_s": self.samples / elapsed,
         }
         self.reset()
