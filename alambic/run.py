@@ -35,6 +35,8 @@ from alambic.recipe.schema import Recipe, TeacherSpec
 from alambic.registry import METHODS
 from alambic.teachers.analytic import AnalyticTeacher
 from alambic.teachers.base import Teacher
+from alambic.teachers.ema import EmaTeacher
+from alambic.teachers.ensemble import TeacherEnsemble
 from alambic.teachers.frozen import FrozenTeacher
 from alambic.train.loop import Callback, Trainer
 from alambic.train.seeding import seed_everything
@@ -65,16 +67,19 @@ def run(
     data = data if data is not None else build_data(recipe.data)
     seed_everything(recipe.seed)
     student = build_model(recipe.student, data.input_shape, data.num_classes)
-    if teacher is None and recipe.teacher is not None:
-        teacher = build_teacher(recipe.teacher, data)
     method_cls: type[Method] = METHODS.get(recipe.method.name).obj
-    if method_cls.needs_teacher and teacher is None:
-        raise AlambicError(f"method '{recipe.method.name}' needs a teacher: add a teacher section to the recipe")
     method = method_cls(recipe.method.options)
     train = data.train if method_cls.uses_unlabeled else data.train.labeled_only()
     if len(train) == 0:
         raise AlambicError("the training split has no sample this method can use (no labelled sample?)")
     loader = make_loader(train, recipe.train.batch_size, shuffle=True, seed=recipe.seed)
+    if teacher is None and recipe.teacher_specs():
+        specs = recipe.teacher_specs()
+        total_steps = len(loader) * recipe.train.epochs
+        built = [build_teacher(t, data, student, total_steps) for t in specs]
+        teacher = built[0] if recipe.teacher is not None else TeacherEnsemble(built)
+    if method_cls.needs_teacher and teacher is None:
+        raise AlambicError(f"method '{recipe.method.name}' needs a teacher: add a teacher section to the recipe")
     ev = recipe.eval
 
     def validate(model: nn.Module) -> dict[str, float]:
@@ -84,9 +89,9 @@ def run(
     trainer = Trainer(student, method, loader, recipe.train, teacher=teacher, run_dir=out, val_fn=validate,
                       callbacks=callbacks, progress=progress)
     fit = trainer.fit(resume=resume)
-    if isinstance(teacher, FrozenTeacher):
+    if hasattr(teacher, "close"):
         teacher.close()
-    return finish(out, recipe, data, student, teacher, fit_info={
+    return finish(out, recipe, data, method.deploy(student), teacher, method, fit_info={
         "steps": fit.steps, "epochs": fit.epochs, "wall_time_s": round(fit.wall_time_s, 3),
         "resumed_from_step": fit.resumed_from, "train_samples": len(train),
         "labeled_train_samples": int(train.labeled.sum()),
@@ -94,8 +99,8 @@ def run(
 
 
 def finish(out: Path, recipe: Recipe, data: DataBundle, student: nn.Module, teacher: Teacher | None,
-           fit_info: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate on val and test, write the student, its predictions, the summary and the report."""
+           method: Method, fit_info: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the deployed student on val and test; write it, its predictions, the summary and the report."""
     from alambic.report import render_report
 
     ev = recipe.eval
@@ -129,6 +134,9 @@ def finish(out: Path, recipe: Recipe, data: DataBundle, student: nn.Module, teac
     save_file({k: v.contiguous() for k, v in preds.items()}, str(out / "predictions.safetensors"))
     meta = {"arch": recipe.student.resolved(), "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "class_names": data.class_names}
+    deploy = method.deploy_meta()
+    if deploy is not None:
+        meta["deploy"] = {"method": recipe.method.name, **deploy}
     export_safetensors(student, out / STUDENT_WEIGHTS, metadata={"alambic": json.dumps(meta)})
     (out / STUDENT_META).write_text(json.dumps(meta, indent=2))
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
@@ -202,11 +210,19 @@ def load_student(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise RunDirError(f"{run_dir} has no finished student ({meta_path.name} missing): did the run finish?")
     meta = json.loads(meta_path.read_text())
     model = build_model(model_spec(meta["arch"], "student.json: arch"), tuple(meta["input_shape"]), meta["num_classes"])
+    if "deploy" in meta:
+        model = METHODS.get(meta["deploy"]["method"]).obj.rebuild(model, meta["deploy"])
     load_weights(model, run_dir / STUDENT_WEIGHTS)
     return model, meta
 
 
-def build_teacher(spec: TeacherSpec, data: DataBundle) -> Teacher:
+def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None = None,
+                  total_steps: int = 0) -> Teacher:
+    """The teacher a recipe's teacher section describes (an EMA teacher copies ``student``)."""
+    if spec.ema is not None:
+        if student is None:
+            raise AlambicError("an EMA teacher needs the student it averages")
+        return EmaTeacher(student, spec.ema.momentum, spec.ema.end_momentum, total_steps)
     if spec.run is not None:
         model, meta = load_student(spec.run)
         _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.run {spec.run}")

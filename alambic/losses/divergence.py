@@ -16,6 +16,9 @@ from alambic.data.batch import IGNORE_INDEX
 from alambic.errors import ShapeMismatchError
 
 
+__all__ = ['js_loss', 'kd_loss', 'masked_cross_entropy']
+
+
 def _same_shape(student: Tensor, teacher: Tensor, what: str) -> None:
     if student.shape != teacher.shape:
         raise ShapeMismatchError(

@@ -7,6 +7,9 @@ from torch import Tensor
 from alambic.errors import ShapeMismatchError
 
 
+__all__ = ['hint_loss']
+
+
 def hint_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """FitNets hint loss: ``½‖u_h(x) − r(v_g(x))‖²`` per sample, averaged over the batch.
 

@@ -9,7 +9,7 @@ drops them from the method's training set). Its options live in its own strict `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -45,6 +45,8 @@ class SetupInfo:
     num_samples: int  # 1 + the largest stable sample index: the row count of a per-sample store
     steps_per_epoch: int
     epochs: int
+    loader: Any = None  # the training loader: for state computed over the whole training set (k-means, ...)
+    teacher: Any = None  # the Teacher (None without one)
 
     @property
     def total_steps(self) -> int:
@@ -86,6 +88,23 @@ class Method(nn.Module):
         Called once, before the optimizer exists, so every parameter created here is trained; every buffer
         and parameter registered on the method is checkpointed.
         """
+
+    def deploy(self, student: nn.Module) -> nn.Module:
+        """The network that is evaluated and exported after training (default: the student itself).
+
+        A method whose inference differs from the student's plain forward (DHO's mixed heads) returns a
+        wrapper here; it then also implements :meth:`deploy_meta` and :meth:`rebuild`.
+        """
+        return student
+
+    def deploy_meta(self) -> dict[str, Any] | None:
+        """JSON-able description :meth:`rebuild` needs to recreate the deployed wrapper (None: no wrapper)."""
+        return None
+
+    @classmethod
+    def rebuild(cls, student: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        """The deployed wrapper around a freshly built ``student``, from :meth:`deploy_meta` (weights loaded later)."""
+        raise NotImplementedError(f"{cls.__name__} does not wrap its student at deployment")
 
     def schedules(self, info: SetupInfo) -> dict[str, np.ndarray]:
         """Per-step values (one per optimizer step) the loop hands over as ``ctx.values[name]``."""

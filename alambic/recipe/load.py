@@ -82,8 +82,9 @@ def validate(data: dict[str, Any]) -> Recipe:
     problems: list[str] = []
     _bind(recipe.data, DATASETS, "data", "name", problems)
     _bind(recipe.student, MODELS, "student", "arch", problems)
-    if recipe.teacher is not None and recipe.teacher.model is not None:
-        _bind(recipe.teacher.model, MODELS, "teacher.model", "arch", problems)
+    for path, spec in _teacher_paths(recipe):
+        if spec.model is not None:
+            _bind(spec.model, MODELS, f"{path}.model", "arch", problems)
     _bind(recipe.method, METHODS, "method", "name", problems)
     if not problems:
         problems += _cross_checks(recipe)
@@ -122,15 +123,20 @@ def _cross_checks(recipe: Recipe) -> list[str]:
 
     problems = []
     method_cls: type[Method] = METHODS.get(recipe.method.name).obj
-    if method_cls.needs_teacher and recipe.teacher is None:
+    if method_cls.needs_teacher and not recipe.teacher_specs():
         problems.append(f"method.name: '{recipe.method.name}' needs a teacher, but the recipe has no teacher section")
-    teacher = recipe.teacher
-    if teacher is not None:
+    for path, teacher in _teacher_paths(recipe):
         if teacher.run is not None and not (teacher.run / "student.json").is_file():
-            problems.append(f"teacher.run: {teacher.run} is not a finished alambic run (no student.json)")
+            problems.append(f"{path}.run: {teacher.run} is not a finished alambic run (no student.json)")
         if teacher.weights is not None and not teacher.weights.is_file():
-            problems.append(f"teacher.weights: file not found: {teacher.weights}")
+            problems.append(f"{path}.weights: file not found: {teacher.weights}")
     return problems
+
+
+def _teacher_paths(recipe: Recipe) -> list[tuple[str, Any]]:
+    if recipe.teacher is not None:
+        return [("teacher", recipe.teacher)]
+    return [(f"teachers.{i}", t) for i, t in enumerate(recipe.teachers or [])]
 
 
 def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:

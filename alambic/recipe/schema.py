@@ -72,20 +72,28 @@ class ModelSpec(Selector):
         return data
 
 
+class EmaSpec(Strict):
+    """An exponential moving average of the student (mean teacher; later DINO/BYOL)."""
+
+    momentum: float = Field(0.999, ge=0, le=1, description="m in θ_T <- m·θ_T + (1-m)·θ_S")
+    end_momentum: float | None = Field(None, ge=0, le=1, description="cosine schedule from momentum to this")
+
+
 class TeacherSpec(Strict):
-    """Where the teacher comes from: exactly one of ``run``, ``model`` (+ ``weights``), ``estimator``."""
+    """Where the teacher comes from: exactly one of ``run``, ``model`` (+ ``weights``), ``estimator``, ``ema``."""
 
     run: Path | None = None
     model: ModelSpec | None = None
     weights: Path | None = None
     estimator: str | None = Field(None, description="'pkg.mod:Class' of a scikit-learn estimator fit on the labelled data")
     estimator_kwargs: dict[str, Any] = Field(default_factory=dict)
+    ema: EmaSpec | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherSpec":
-        given = [k for k in ("run", "model", "estimator") if getattr(self, k) is not None]
+        given = [k for k in ("run", "model", "estimator", "ema") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of run, model, estimator; got {given or 'none'}")
+            raise ValueError(f"give exactly one of run, model, estimator, ema; got {given or 'none'}")
         if self.weights is not None and self.model is None:
             raise ValueError("weights needs model (the architecture the weights belong to)")
         return self
@@ -134,21 +142,39 @@ class Recipe(Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     student: ModelSpec = Field(default_factory=ModelSpec)
     teacher: TeacherSpec | None = None
+    teachers: list[TeacherSpec] | None = Field(None, min_length=1, description="several teachers (an ensemble)")
     method: MethodSpec = Field(default_factory=MethodSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
+    @model_validator(mode="after")
+    def _teacher_or_teachers(self) -> "Recipe":
+        if self.teacher is not None and self.teachers is not None:
+            raise ValueError("give teacher or teachers, not both")
+        return self
+
+    def teacher_specs(self) -> list[TeacherSpec]:
+        return [self.teacher] if self.teacher is not None else list(self.teachers or [])
+
     def resolved(self) -> dict[str, Any]:
         """The full recipe with every default filled in, as plain YAML-able data."""
-        out = self.model_dump(mode="json", exclude={"data", "student", "teacher", "method"})
+        out = self.model_dump(mode="json", exclude={"data", "student", "teacher", "teachers", "method"})
         out["data"] = self.data.resolved()
         out["student"] = self.student.resolved()
         out["method"] = self.method.resolved()
         if self.teacher is not None:
-            t = self.teacher.model_dump(mode="json", exclude={"model"}, exclude_none=True)
-            if self.teacher.model is not None:
-                t["model"] = self.teacher.model.resolved()
-            out["teacher"] = t
+            out["teacher"] = _teacher_resolved(self.teacher)
+        if self.teachers is not None:
+            out["teachers"] = [_teacher_resolved(t) for t in self.teachers]
         # key order as a reader expects it
-        order = ["name", "seed", "data", "student", "teacher", "method", "train", "eval"]
+        order = ["name", "seed", "data", "student", "teacher", "teachers", "method", "train", "eval"]
         return {k: out[k] for k in order if k in out}
+
+
+def _teacher_resolved(spec: TeacherSpec) -> dict[str, Any]:
+    out = spec.model_dump(mode="json", exclude={"model"}, exclude_none=True)
+    if not out.get("estimator"):
+        out.pop("estimator_kwargs", None)
+    if spec.model is not None:
+        out["model"] = spec.model.resolved()
+    return out

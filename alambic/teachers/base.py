@@ -19,6 +19,7 @@ from alambic.data.batch import Batch
 class ModelOutput:
     logits: Tensor | None
     features: dict[str, Tensor] = field(default_factory=dict)  # tap or head name -> tensor
+    members: list["ModelOutput"] = field(default_factory=list)  # an ensemble's per-teacher outputs
 
 
 @runtime_checkable
