@@ -80,7 +80,7 @@ def test_shape_mismatch_between_taps_names_both_shapes(tmp_path):
     # a student map smaller than the teacher's hint: no regressor can map it
     bad = alambic("run", TINY / "fitnet_cnn.yaml", "--out", tmp_path / "bad", "--quiet", f"teacher.run={cnn_teacher}",
                   "method.student_tap=features.block1", "method.teacher_tap=features.block0", check_rc=1)
-    assert "(64, 8, 2, 2)" in bad.stderr and "(64, 4, 4, 4)" in bad.stderr
+    assert "(32, 8, 2, 2)" in bad.stderr and "(32, 4, 4, 4)" in bad.stderr
 
 
 def test_methods_listing_shows_papers():
