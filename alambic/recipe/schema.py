@@ -120,7 +120,6 @@ class TrainSpec(Strict):
     eval_every: int = Field(1, ge=1, description="epochs between validation passes")
     log_every: int = Field(10, ge=1, description="optimizer steps between metric lines")
     threads: int | None = Field(1, ge=1, description="torch CPU threads; small models are fastest on 1")
-    device: str = "cpu"
 
     @model_validator(mode="after")
     def _accum(self) -> "TrainSpec":
