@@ -91,6 +91,7 @@ def run(
     fit = trainer.fit(resume=resume)
     if hasattr(teacher, "close"):
         teacher.close()
+    method.tune_on_validation(student, data.val.x, data.val.y)
     return finish(out, recipe, data, method.deploy(student), teacher, method, fit_info={
         "steps": fit.steps, "epochs": fit.epochs, "wall_time_s": round(fit.wall_time_s, 3),
         "resumed_from_step": fit.resumed_from, "train_samples": len(train),

@@ -89,6 +89,12 @@ class Method(nn.Module):
         and parameter registered on the method is checkpointed.
         """
 
+    def tune_on_validation(self, student: nn.Module, val_x: Tensor, val_y: Tensor) -> None:
+        """After training, choose inference-time settings on the validation split (DHO's head mix).
+
+        Called once by the run before :meth:`deploy`; the test split is never passed here.
+        """
+
     def deploy(self, student: nn.Module) -> nn.Module:
         """The network that is evaluated and exported after training (default: the student itself).
 
