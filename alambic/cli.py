@@ -77,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seeds", type=int, default=3)
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=_quickstart)
+
+    b = sub.add_parser("bench", help="methods x settings x seeds from a suite file: mean ± std, tests vs ce, plot")
+    b.add_argument("suite", type=Path, help="suite YAML, or a bench directory (re-reads its suite.yaml)")
+    b.add_argument("--out", dest="bench_out", type=Path, default=None,
+                   help="bench directory (default: SUITE when SUITE is a bench directory)")
+    b.add_argument("--workers", type=int, default=None, help="worker processes (default: the suite's workers)")
+    b.add_argument("--report-only", action="store_true", help="rebuild the tables and plot; train nothing")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_bench)
     return p
 
 
@@ -149,6 +158,22 @@ def _quickstart(args) -> int:
     from alambic.quickstart import quickstart
 
     quickstart(args.out, seeds=args.seeds, progress=not args.quiet)
+    return 0
+
+
+def _bench(args) -> int:
+    from alambic.bench import bench
+    from alambic.errors import RecipeError
+
+    out = args.bench_out or (args.suite if args.suite.is_dir() else None)
+    if out is None:
+        raise RecipeError(f"bench: --out is required when {args.suite} is a suite file")
+    try:
+        bench(args.suite, out, workers=args.workers, report_only=args.report_only, progress=not args.quiet)
+    except KeyboardInterrupt:  # not main's hint: a bench continues by running the same command again
+        print(f"interrupted; run the same command again to continue (finished cells in {out} are kept)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -75,7 +75,7 @@ def run(
     loader = make_loader(train, recipe.train.batch_size, shuffle=True, seed=recipe.seed)
     if teacher is None and recipe.teacher_specs():
         specs = recipe.teacher_specs()
-        total_steps = len(loader) * recipe.train.epochs
+        total_steps = recipe.train.plan(len(loader))[1]
         built = [build_teacher(t, data, student, total_steps) for t in specs]
         teacher = built[0] if recipe.teacher is not None else TeacherEnsemble(built)
     if method_cls.needs_teacher and teacher is None:

@@ -105,6 +105,10 @@ class MethodSpec(Selector):
 
 class TrainSpec(Strict):
     epochs: int = Field(20, ge=1)
+    steps: int | None = Field(
+        None, ge=1,
+        description="total optimizer steps, overriding epochs: the same budget for methods whose training sets differ",
+    )
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     lr: float = Field(1e-3, gt=0)
@@ -120,6 +124,12 @@ class TrainSpec(Strict):
     eval_every: int = Field(1, ge=1, description="epochs between validation passes")
     log_every: int = Field(10, ge=1, description="optimizer steps between metric lines")
     threads: int | None = Field(1, ge=1, description="torch CPU threads; small models are fastest on 1")
+
+    def plan(self, steps_per_epoch: int) -> tuple[int, int]:
+        """(epochs, total optimizer steps) for a loader of ``steps_per_epoch`` batches."""
+        if self.steps is None:
+            return self.epochs, self.epochs * steps_per_epoch
+        return -(-self.steps // steps_per_epoch), self.steps
 
     @model_validator(mode="after")
     def _accum(self) -> "TrainSpec":

@@ -79,7 +79,7 @@ class Trainer:
         if teacher is not None and hasattr(teacher, "use_taps"):
             teacher.use_taps(method.teacher_taps())
         self.steps_per_epoch = len(train_loader)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.epochs, self.total_steps = cfg.plan(self.steps_per_epoch)
         self.info = self._setup_method()
         self.method_schedules = method.schedules(self.info)
         for name, values in self.method_schedules.items():
@@ -151,8 +151,10 @@ class Trainer:
         window = _Window()
         with self._progress() as bar:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, loss=float("nan"), sps=0.0)
-            while epoch < self.cfg.epochs:
+            while epoch < self.epochs:
                 for batch in self.loader.epoch(epoch, start=pos):
+                    if self.step >= self.total_steps:  # train.steps may end the last epoch early
+                        break
                     ctx = StepContext(self.step, epoch, self.total_steps, self.steps_per_epoch,
                                       {k: float(v[self.step]) for k, v in self.method_schedules.items()})
                     logs = self.train_step(batch, ctx)
@@ -171,17 +173,17 @@ class Trainer:
                 if window.count:
                     self.metrics.write(window.flush(self.step, epoch, logs["lr"]))
                 val = None
-                if self.val_fn is not None and ((epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs):
+                if self.val_fn is not None and ((epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.epochs):
                     val = self.val_fn(self.student)
                     self.metrics.write({"split": "val", "step": self.step, "epoch": epoch + 1, **val})
-                    bar.update(task, description=f"epoch {epoch + 1}/{self.cfg.epochs} · val acc "
+                    bar.update(task, description=f"epoch {epoch + 1}/{self.epochs} · val acc "
                                                  f"{val.get('accuracy', float('nan')):.3f}")
                 epoch, pos = epoch + 1, 0
                 self.save_checkpoint(epoch, pos)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch, val)
         self.close()
-        return FitResult(self.step, self.cfg.epochs, time.perf_counter() - started, resumed)
+        return FitResult(self.step, self.epochs, time.perf_counter() - started, resumed)
 
     def close(self) -> None:
         if self.student_taps is not None:
@@ -244,7 +246,7 @@ class Trainer:
         self.student.train(was_training)
         first = student_out[self.method.student_views[0]].logits
         info = SetupInfo(self.student, int(first.shape[-1]), _num_samples(self.loader), self.steps_per_epoch,
-                         self.cfg.epochs, loader=self.loader, teacher=self.teacher)
+                         self.epochs, loader=self.loader, teacher=self.teacher)
         self.method.setup(student_out, teacher_out, info)
         return info
 

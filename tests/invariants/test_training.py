@@ -212,3 +212,15 @@ def test_method_schedules_reach_ctx_per_step_and_setup_sees_the_data_sizes():
     trainer.fit()
     assert method.info.num_classes == 3 and method.info.num_samples == int(data.train.index.max()) + 1
     assert seen == [10.0 * i for i in range(trainer.total_steps)]
+
+
+def test_train_steps_sets_the_exact_budget_and_resumes_exactly(tmp_path):
+    """``train.steps`` gives every method the same number of optimizer steps, whatever its data."""
+    recipe = load_recipe(tiny_recipe(), ["train.steps=30", "train.checkpoint_every=7"])  # 19 steps/epoch
+    a = run(recipe, tmp_path / "a", progress=False)
+    assert a["train"]["steps"] == 30 and a["train"]["epochs"] == 2
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp_path / "b", progress=False, callbacks=[KillAt(29)])
+    b = run(recipe, tmp_path / "b", resume=True, progress=False)
+    assert b["train"]["steps"] == 30 and b["train"]["resumed_from_step"] == 28
+    assert_bit_identical(weights(tmp_path / "a"), weights(tmp_path / "b"))

@@ -1,0 +1,225 @@
+"""What ``alambic bench`` writes: ``results.csv``, ``results.md``, ``accuracy.png`` and a table per setting.
+
+Everything here is a function of the rows, and the rows are read from the run directories' ``summary.json``
+(plus the recorded one-line errors of failed cells), so a report rebuilt from a finished bench directory is
+byte-identical to the one written when it ran. Nothing timed at report time enters the files: the wall time
+is the training loop's own (``summary.json`` → ``train.wall_time_s``; after an interrupted and resumed cell,
+only the resumed part).
+
+Δ vs the baseline is the mean over seeds of the paired difference (method − baseline, same seed, same
+split), in accuracy points; its p-value is a paired t-test over those seeds (``scipy.stats.ttest_rel``),
+reported with the number of pairs n. With n < 2, or no spread in the differences, there is no p-value.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from alambic.bench import Suite
+
+RESULTS_CSV, RESULTS_MD, PLOT = "results.csv", "results.md", "accuracy.png"
+SIGNIFICANT = 0.05
+
+
+@dataclass
+class Row:
+    """One cell of the grid; the metrics are None unless ``status == "ok"``."""
+
+    setting: str
+    method: str
+    seed: int
+    test_accuracy: float | None
+    test_ece: float | None
+    params: int | None
+    latency_ms: float | None
+    wall_time_s: float | None
+    status: str  # ok | failed | missing
+    error: str | None = None
+
+    @classmethod
+    def from_summary(cls, setting: str, method: str, seed: int, status: str, summary: dict[str, Any] | None,
+                     error: str | None) -> "Row":
+        if summary is None:
+            return cls(setting, method, seed, None, None, None, None, None, status, error)
+        return cls(setting, method, seed, summary["test"]["accuracy"], summary["test"]["ece"],
+                   summary["student"]["params"], summary["student"]["latency_ms"],
+                   summary["train"]["wall_time_s"], status, error)
+
+
+@dataclass
+class Line:
+    """One method in one setting: the statistics a table row shows."""
+
+    method: str
+    ok: int
+    total: int
+    mean: float = math.nan  # accuracy, fraction
+    std: float = math.nan
+    delta: float | None = None  # points
+    p: float | None = None
+    n: int = 0
+    params: int | None = None
+    wall_time_s: float = math.nan
+
+
+def summarize(rows: list[Row], settings: list[str], methods: list[str], baseline: str | None) -> dict[str, list[Line]]:
+    """Per setting, per method: mean ± std over finished seeds, and the paired comparison with ``baseline``."""
+    out: dict[str, list[Line]] = {}
+    for setting in settings:
+        acc = {m: {r.seed: r.test_accuracy for r in rows if r.setting == setting and r.method == m and r.status == "ok"}
+               for m in methods}
+        lines = []
+        for m in methods:
+            cells = [r for r in rows if r.setting == setting and r.method == m]
+            ok = [r for r in cells if r.status == "ok"]
+            line = Line(m, len(ok), len(cells))
+            if ok:
+                values = list(acc[m].values())
+                line.mean = statistics.fmean(values)
+                line.std = statistics.stdev(values) if len(values) > 1 else 0.0
+                line.params = ok[0].params
+                line.wall_time_s = statistics.fmean(r.wall_time_s for r in ok)
+            if baseline is not None and m != baseline:
+                seeds = [k for k in acc[m] if k in acc[baseline]]
+                line.n = len(seeds)
+                if seeds:
+                    line.delta = statistics.fmean(100 * (acc[m][k] - acc[baseline][k]) for k in seeds)
+                line.p = paired_p([acc[m][k] for k in seeds], [acc[baseline][k] for k in seeds])
+            lines.append(line)
+        out[setting] = lines
+    return out
+
+
+def paired_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of a paired t-test, or None where it is undefined (n < 2, no spread, no scipy)."""
+    try:
+        from scipy.stats import ttest_rel  # scipy comes with scikit-learn; imported here, as it is slow to import
+    except ImportError:
+        return None
+    if len(a) < 2:
+        return None
+    p = float(ttest_rel(a, b).pvalue)
+    return None if math.isnan(p) else p
+
+
+def _has_scipy() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("scipy") is not None
+
+
+def write_outputs(out: Path, suite: "Suite", rows: list[Row], baseline: str | None,
+                  teacher: dict[str, Any] | None, console: Console) -> None:
+    settings, methods = list(suite.settings), list(suite.methods)
+    stats = summarize(rows, settings, methods, baseline)
+    write_csv(out / RESULTS_CSV, rows)
+    (out / RESULTS_MD).write_text(markdown(suite.name, stats, rows, baseline, teacher))
+    plot(out / PLOT, suite.name, stats)
+    for setting, lines in stats.items():
+        table = Table(title=f"{suite.name} · {setting} · test accuracy % (mean ± std over seeds)",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        cols = _columns(baseline)
+        keep = [i for i, col in enumerate(cols) if col != "params"]  # in results.md; 80 columns are few
+        for i in keep:
+            table.add_column(cols[i], justify="left" if i == 0 else "right", no_wrap=True)
+        for line in lines:
+            cells = _cells(line, baseline)
+            table.add_row(*(cells[i] for i in keep))
+        console.print(table)
+    failed = [r for r in rows if r.status != "ok"]
+    if failed:
+        console.print(f"[yellow]{len(failed)} of {len(rows)} cells did not finish[/] (see {out / RESULTS_MD})")
+    console.print(f"wrote {out / RESULTS_MD}, {out / RESULTS_CSV}, {out / PLOT}")
+
+
+def write_csv(path: Path, rows: list[Row]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([f.name for f in fields(Row)])
+        for row in rows:
+            writer.writerow(["" if v is None else v for v in astuple(row)])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _columns(baseline: str | None) -> list[str]:
+    versus = [f"Δ vs {baseline}", "p", "n"] if baseline else []
+    return ["method", "test acc %", *versus, "params", "s/run", "runs ok"]
+
+
+def _cells(line: Line, baseline: str | None) -> list[str]:
+    acc = "failed" if not line.ok else f"{100 * line.mean:.2f} ± {100 * line.std:.2f}"
+    versus = []
+    if baseline:
+        if line.method == baseline:
+            versus = ["baseline", "", ""]
+        else:
+            delta = "—" if line.delta is None else f"{line.delta:+.2f}"
+            p = "—" if line.p is None else ("<0.001" if line.p < 0.001 else f"{line.p:.3g}")
+            versus = [delta, p + ("*" if line.p is not None and line.p < SIGNIFICANT else ""), str(line.n)]
+    params = "" if line.params is None else f"{line.params:,}"
+    wall = "" if not line.ok else f"{line.wall_time_s:.2f}"
+    return [line.method, acc, *versus, params, wall, f"{line.ok}/{line.total}"]
+
+
+def markdown(name: str, stats: dict[str, list[Line]], rows: list[Row], baseline: str | None,
+             teacher: dict[str, Any] | None) -> str:
+    lines = [f"# bench: {name}", "",
+             "Test accuracy (%) is the mean ± std (sample std) over the seeds whose run finished."]
+    if baseline:
+        lines.append(f"Δ vs `{baseline}`: mean paired difference, in accuracy points, over the n seeds both ran; "
+                     f"p: paired t-test over those seeds{'' if _has_scipy() else ' (scipy missing: no p-values)'}; "
+                     f"* marks p < {SIGNIFICANT}.")
+    else:
+        lines.append("No `ce` baseline in the suite, so no differences are tested.")
+    lines.append("s/run: mean wall time of the training loop per run, in seconds.")
+    if teacher is not None:
+        lines.append(f"Teacher: test accuracy {100 * teacher['test']['accuracy']:.2f} %, "
+                     f"{teacher['student']['params']:,} params.")
+    cols = _columns(baseline)
+    for setting, entries in stats.items():
+        lines += ["", f"## {setting}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cells(line, baseline)) + " |" for line in entries]
+        bad = [r for r in rows if r.setting == setting and r.status != "ok"]
+        if bad:
+            lines += ["", "Cells without a result:", ""]
+            lines += [f"- `{r.method}` seed {r.seed}: {r.status}: {r.error}" for r in bad]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, name: str, stats: dict[str, list[Line]]) -> Path:
+    """Grouped bars: one group per setting, one bar per method (mean test accuracy, std error bars)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: see alambic.report.plots
+    from matplotlib.figure import Figure
+
+    settings = list(stats)
+    methods = [line.method for line in next(iter(stats.values()))]
+    width = 0.8 / max(len(methods), 1)
+    fig = Figure(figsize=(max(5.0, 1.2 + 0.5 * len(settings) * len(methods)), 4), layout="constrained")
+    ax = fig.subplots()
+    for i, m in enumerate(methods):
+        means = [100 * stats[s][i].mean for s in settings]
+        stds = [100 * stats[s][i].std for s in settings]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(settings))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=m)
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{name}: test accuracy, mean ± std over seeds")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=120)
+    return path

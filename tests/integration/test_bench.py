@@ -1,0 +1,188 @@
+"""``alambic bench``: the grid, its files, resuming, report-only, failures and worker processes.
+
+One small suite (digits, 1 epoch; ce, kd and a cell that fails at run time; 2 settings; 2 seeds) is run
+once per module; the tests read its directory, rerun it, and rebuild its report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy.stats import ttest_rel
+
+import alambic.bench
+from alambic.bench import bench, cell_data, load_suite
+from alambic.bench_report import read_csv
+from alambic.cli import main
+from alambic.run import run
+from alambic.train.loop import Trainer
+
+TRAIN = {"epochs": 1, "batch_size": 64, "lr": 0.01}
+SUITE = {
+    "name": "t",
+    "base": {"data": {"name": "digits"}, "student": {"arch": "mlp", "hidden": [16]}, "train": TRAIN,
+             "eval": {"latency_repeats": 2}},
+    "teacher": {"data": {"name": "digits"}, "student": {"arch": "mlp", "hidden": [32]},
+                "train": {**TRAIN, "epochs": 2}, "eval": {"latency_repeats": 2}},
+    "methods": {
+        "ce": {"method": {"name": "ce"}},
+        "kd": ["method={name: kd, temperature: 2.0}"],
+        # validates (a factory path is only imported when the student is built), then fails at run time
+        "broken": {"method": {"name": "ce"}, "student": {"module": "math:no_such_factory"}},
+    },
+    "settings": {"full": {}, "scarce": {"data.labeled_fraction": 0.2}},
+    "seeds": 2,
+}
+CELLS = {(s, m, str(k)) for s in ("full", "scarce") for m in ("ce", "kd", "broken") for k in (0, 1)}
+SAME_EVERYWHERE = ("setting", "method", "seed", "test_accuracy", "test_ece", "params", "status", "error")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "out"
+    bench(SUITE, out, progress=False)
+    return out
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def boom(self, resume=False):
+        raise AssertionError("training happened")
+
+    monkeypatch.setattr(Trainer, "fit", boom)
+
+
+def test_one_csv_row_per_cell_read_from_the_run_directories(out):
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == len(CELLS) and {(r["setting"], r["method"], r["seed"]) for r in rows} == CELLS
+    for r in rows:
+        run_dir = out / "runs" / r["setting"] / r["method"] / f"seed{r['seed']}"
+        if r["method"] == "broken":  # reported, not fatal: the other cells ran
+            assert r["status"] == "failed" and r["test_accuracy"] == ""
+            assert "math:no_such_factory" in r["error"] and "\n" not in r["error"]
+            continue
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert r["status"] == "ok" and float(r["test_accuracy"]) == summary["test"]["accuracy"]
+        assert float(r["wall_time_s"]) == summary["train"]["wall_time_s"] and int(r["params"]) > 0
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        assert recipe["seed"] == int(r["seed"])
+        assert recipe["data"]["labeled_fraction"] == (0.2 if r["setting"] == "scarce" else 1.0)
+        # the suite's teacher (trained once) teaches kd; ce trains alone
+        assert recipe.get("teacher") == ({"run": str((out / "teacher").resolve())} if r["method"] == "kd" else None)
+    assert json.loads((out / "teacher" / "summary.json").read_text())["train"]["epochs"] == 2
+    assert yaml.safe_load((out / "suite.yaml").read_text())["seeds"] == [0, 1]
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_matches_a_hand_computation_from_the_csv(out):
+    rows = read_csv(out / "results.csv")
+    md = (out / "results.md").read_text()
+    for setting in ("full", "scarce"):
+        section = md.split(f"## {setting}\n")[1].split("\n## ")[0]
+        acc = {m: {r["seed"]: float(r["test_accuracy"]) for r in rows
+                   if r["setting"] == setting and r["method"] == m} for m in ("ce", "kd")}
+        for m, by_seed in acc.items():
+            values = list(by_seed.values())
+            cell = f"| {m} | {100 * statistics.fmean(values):.2f} ± {100 * statistics.stdev(values):.2f} |"
+            assert cell in section, (cell, section)
+        delta = statistics.fmean(100 * (acc["kd"][k] - acc["ce"][k]) for k in ("0", "1"))
+        p = ttest_rel([acc["kd"][k] for k in "01"], [acc["ce"][k] for k in "01"]).pvalue
+        p_text = f"{p:.3g}" + ("*" if p < 0.05 else "")
+        assert f"| {delta:+.2f} | {p_text} | 2 |" in section.split("| kd |")[1].split("\n")[0]
+        assert "| broken | failed |" in section and "| 0/2 |" in section
+        assert "- `broken` seed 1: failed: 'math:no_such_factory'" in section
+
+
+def test_a_rerun_trains_nothing_and_writes_the_same_report(out, no_training, monkeypatch):
+    started = []
+    monkeypatch.setattr(alambic.bench, "run", lambda recipe, run_dir, **kw: started.append(Path(run_dir)) or
+                        run(recipe, run_dir, **kw))
+    before = (out / "results.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/summary.json")}
+    rows = bench(out, out, progress=False)  # the bench directory itself: its suite.yaml
+    assert (out / "results.md").read_text() == before
+    assert {p: p.stat().st_mtime_ns for p in out.glob("**/summary.json")} == stamps
+    # finished cells (and the teacher) are read, not run again; the failed cells are retried, and fail again
+    assert sorted(started) == sorted(out.resolve() / "runs" / s / "broken" / f"seed{k}" for s in ("full", "scarce")
+                                     for k in (0, 1))
+    assert sum(r.status == "ok" for r in rows) == 8 and all("training happened" not in (r.error or "") for r in rows)
+
+
+def test_report_only_rebuilds_identical_files_from_the_run_directories(out, no_training, capsys):
+    md, csv = (out / "results.md").read_text(), (out / "results.csv").read_text()
+    for name in ("results.md", "results.csv", "accuracy.png"):
+        (out / name).unlink()
+    assert main(["bench", str(out), "--report-only", "--quiet"]) == 0
+    assert (out / "results.md").read_text() == md and (out / "results.csv").read_text() == csv
+    assert (out / "accuracy.png").is_file()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_a_finished_cell_of_another_recipe_is_reported_never_reused(out, tmp_path, no_training):
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    changed = {**SUITE, "base": {**SUITE["base"], "train": {**TRAIN, "lr": 0.02}}}
+    rows = bench(changed, copy, progress=False)
+    ok = [r for r in rows if r.method != "broken"]
+    assert all(r.status == "failed" and "holds a finished run of another recipe (at train.lr" in r.error for r in ok)
+
+
+def test_two_workers_give_the_results_of_one(out, tmp_path):
+    # one setting of the suite (the failing cells included); the teacher that the first bench trained,
+    # given as a run directory; the cells run in 2 worker processes
+    suite = {**SUITE, "settings": {"scarce": SUITE["settings"]["scarce"]}, "teacher": str(out / "teacher"),
+             "workers": 2}
+    bench(suite, tmp_path / "w2", progress=False)
+    one = [r for r in read_csv(out / "results.csv") if r["setting"] == "scarce"]
+    two = read_csv(tmp_path / "w2" / "results.csv")
+    assert [[r[k] for k in SAME_EVERYWHERE] for r in two] == [[r[k] for k in SAME_EVERYWHERE] for r in one]
+    assert len(two) == 6 and {r["status"] for r in two} == {"ok", "failed"}
+
+
+def test_overrides_merge_replace_and_the_teacher_goes_where_needed(tmp_path):
+    suite, _ = load_suite({
+        "name": "o", "base": {"method": {"name": "kd", "alpha": 0.3}, "teacher": {"run": "elsewhere"},
+                              "data": {"name": "digits", "val_fraction": 0.1}},
+        "teacher": {"student": {"arch": "mlp"}},
+        "methods": {"kd4": {"method": {"name": "kd", "temperature": 4}}, "ce": {"method": {"name": "ce"}},
+                    "ema": ["teacher={ema: {momentum: 0.9}}", "method.alpha=0.5"]},
+        "settings": {"few": {"data.labeled_fraction": 0.1}, "data": {"data": {"split_seed": 3}}},
+        "seeds": [7]})
+    teacher = tmp_path / "teacher"
+    kd4, injected = cell_data(suite, "kd4", "few", 7, teacher)
+    assert kd4["method"] == {"name": "kd", "alpha": 0.3, "temperature": 4}  # same method: options merge
+    assert kd4["teacher"] == {"run": str(teacher)} and injected and kd4["seed"] == 7
+    assert kd4["data"] == {"name": "digits", "val_fraction": 0.1, "labeled_fraction": 0.1}
+    ce, injected = cell_data(suite, "ce", "data", 7, teacher)
+    assert ce["method"] == {"name": "ce"} and "teacher" not in ce and not injected  # another method: replaced
+    assert ce["data"] == {"name": "digits", "val_fraction": 0.1, "split_seed": 3}
+    ema, injected = cell_data(suite, "ema", "few", 7, teacher)
+    assert ema["teacher"] == {"ema": {"momentum": 0.9}} and not injected  # the cell's own teacher wins
+    assert ema["method"] == {"name": "kd", "alpha": 0.5}
+
+
+def _suite_file(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({**SUITE, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"seed": 3}, "seed: unknown key"),
+    ({"methods": {"ce": {}, "kd": {"method": {"name": "kd", "temperature": -1}}}},
+     "methods.kd: method.temperature: must be greater than 0, got -1"),
+    ({"settings": {"x": {"train.lr": -1}}}, "every cell: train.lr: must be greater than 0, got -1"),
+    ({"methods": {"a/b": {}}}, "methods: label 'a/b' must be a plain name"),
+    ({"base": "nope.yaml"}, "base: recipe file not found: "),
+    ({"seeds": 0}, "seeds: a count of seeds must be at least 1, got 0"),
+])
+def test_a_bad_suite_exits_2_naming_the_key_before_anything_trains(tmp_path, capsys, changes, message):
+    assert main(["bench", str(_suite_file(tmp_path, **changes)), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
