@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_run)
 
+    g = sub.add_parser("born-again", help="born-again generations: ce, then kd from the previous generation")
+    g.add_argument("recipe", type=Path)
+    g.add_argument("overrides", nargs="*", metavar="key.path=value")
+    g.add_argument("--out", type=Path, required=True, help="directory of the generations (gen0, gen1, ...)")
+    g.add_argument("--generations", type=int, default=3)
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=_born_again)
+
     v = sub.add_parser("validate", help="check a recipe without running it")
     v.add_argument("recipe", type=Path)
     v.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -100,6 +108,22 @@ def _run(args) -> int:
     return 0
 
 
+def _born_again(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from alambic.born_again import born_again
+
+    rows = born_again(args.recipe, args.out, args.generations, progress=not args.quiet, overrides=args.overrides)
+    table = Table(title=f"born-again generations in {args.out}")
+    for col in ("generation", "method", "teacher", "test accuracy"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["generation"]), r["method"], r["teacher_fingerprint"] or "-", f"{r['test_accuracy']:.4f}")
+    Console().print(table)
+    return 0
+
+
 def _validate(args) -> int:
     import yaml
 
@@ -117,6 +141,7 @@ def _validate(args) -> int:
 
 def _listing(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     import alambic  # noqa: F401  (registers everything)
@@ -133,7 +158,7 @@ def _listing(args) -> int:
         row = [entry.name, entry.description]
         if args.kind == "methods":
             row += ["yes" if entry.obj.needs_teacher else "no", entry.paper]
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))  # descriptions are text, not rich markup
     Console().print(table)
     return 0
 
