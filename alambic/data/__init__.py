@@ -1,12 +1,16 @@
 """Data: registered raw sources, fixed seeded splits, and loaders that yield :class:`Batch` with stable indices.
 
-Importing this package registers the built-in datasets (``digits``, ``mnist5k``, ``npz``, ``image_folder``).
+Importing this package registers the built-in datasets (``digits``, ``mnist5k``, ``npz``, ``image_folder``,
+``glyphs``).
 """
 
 from alambic.data.batch import IGNORE_INDEX, INPUT, Batch
 from alambic.data.loader import DatasetLoader, TensorLoader, epoch_order, make_loader
 from alambic.data.sources import RawData, fingerprint, normalize_labels
-from alambic.data.splits import DataBundle, Split, build_data, bundle_from_arrays, labeled_mask, stratified_split
+from alambic.data.splits import (
+    DataBundle, Split, build_data, bundle_from_arrays, group_split, labeled_mask, stratified_split,
+)
+from alambic.data.glyphs import GlyphsConfig, load_glyphs  # noqa: E402  (registers "glyphs")
 
 __all__ = [
     "IGNORE_INDEX",
@@ -14,6 +18,7 @@ __all__ = [
     "Batch",
     "DataBundle",
     "DatasetLoader",
+    "GlyphsConfig",
     "RawData",
     "Split",
     "TensorLoader",
@@ -21,6 +26,8 @@ __all__ = [
     "bundle_from_arrays",
     "epoch_order",
     "fingerprint",
+    "group_split",
+    "load_glyphs",
     "labeled_mask",
     "make_loader",
     "normalize_labels",

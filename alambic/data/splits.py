@@ -1,4 +1,4 @@
-"""Fixed, seeded, stratified splits and the labelled fraction of the training split.
+"""Fixed, seeded, stratified (or group-preserving) splits and the labelled fraction of the training split.
 
 Comparisons between distillation methods only mean something on identical data, so the split is a pure
 function of (labels, fractions, seed): numpy generators seeded explicitly, no Python hashing, no global
@@ -23,7 +23,7 @@ from alambic.data.sources import RawData, fingerprint, normalize_labels
 from alambic.errors import AlambicError, RecipeError
 from alambic.registry import DATASETS
 
-_SPLIT_STREAM, _LABEL_STREAM = 0, 1  # independent random streams derived from one user seed
+_SPLIT_STREAM, _LABEL_STREAM, _GROUP_STREAM = 0, 1, 2  # independent random streams derived from one user seed
 
 
 @dataclass
@@ -120,6 +120,39 @@ def stratified_split(
     return as_t(train), as_t(val), as_t(test)
 
 
+def group_split(
+    groups: Tensor | np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(train, val, test) sorted int64 index tensors in which every group lies in exactly one split.
+
+    The groups are shuffled by a generator seeded with ``seed`` alone; test takes the shortest prefix of
+    that order whose sample count is nearest ``test_fraction * N``, val the next one, train keeps the rest
+    (each split gets at least one group). Class balance is not enforced (every glyph font holds every class).
+    """
+    g = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else np.asarray(groups)
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise AlambicError(
+            f"split fractions must be in (0, 1) with a sum below 1, got val {val_fraction}, test {test_fraction}"
+        )
+    uniq, inverse, counts = np.unique(g, return_inverse=True, return_counts=True)
+    if len(uniq) < 3:
+        raise AlambicError(f"cannot hold out whole groups: {len(uniq)} group(s), need at least 3 (one per split)")
+    order = _rng(seed, _GROUP_STREAM).permutation(len(uniq))
+    n = len(g)
+
+    def take(start: int, target: float, leave: int) -> int:
+        cum = np.cumsum(counts[order[start:]])[: len(uniq) - start - leave]
+        return start + 1 + int(np.argmin(np.abs(cum - target)))
+
+    cut_test = take(0, test_fraction * n, leave=2)
+    cut_val = take(cut_test, val_fraction * n, leave=1)
+    where = np.empty(len(uniq), dtype=np.int64)
+    where[order[:cut_test]], where[order[cut_test:cut_val]], where[order[cut_val:]] = 2, 1, 0
+    split_of = where[inverse]
+    train, val, test = (torch.from_numpy(np.flatnonzero(split_of == s).astype(np.int64)) for s in (0, 1, 2))
+    return train, val, test
+
+
 def labeled_mask(y: Tensor | np.ndarray, fraction: float, seed: int) -> Tensor:
     """[N] bool: which samples keep their label. Each class keeps ``round(fraction * count)`` labels, at
     least one; ``fraction == 1`` keeps all.
@@ -146,8 +179,11 @@ def labeled_mask(y: Tensor | np.ndarray, fraction: float, seed: int) -> Tensor:
 def bundle(
     raw: RawData, *, val_fraction: float, test_fraction: float, labeled_fraction: float, split_seed: int
 ) -> DataBundle:
-    """Split a :class:`RawData`; only the train split is partly labelled."""
-    tr, va, te = stratified_split(raw.y, val_fraction, test_fraction, split_seed)
+    """Split a :class:`RawData` (whole groups per split when it has ``groups``); only train is partly labelled."""
+    if raw.groups is not None:
+        tr, va, te = group_split(raw.groups, val_fraction, test_fraction, split_seed)
+    else:
+        tr, va, te = stratified_split(raw.y, val_fraction, test_fraction, split_seed)
 
     def make(rows: Tensor, labeled: Tensor | None = None) -> Split:
         y = raw.y[rows]
@@ -160,6 +196,8 @@ def bundle(
     settings: dict[str, Any] = dict(
         val_fraction=val_fraction, test_fraction=test_fraction, labeled_fraction=labeled_fraction, split_seed=split_seed
     )
+    if raw.groups is not None:
+        settings["split"] = f"groups:{fingerprint(raw.groups)}"
     return DataBundle(
         train=make(tr, labeled_mask(raw.y[tr], labeled_fraction, split_seed)),
         val=make(va),
