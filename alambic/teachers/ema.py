@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
 
-from alambic.data.batch import Batch
-from alambic.models.taps import Taps
-from alambic.teachers.base import ModelOutput
-from alambic.teachers.frozen import model_outputs, state_fingerprint
+from alambic.teachers.frozen import FrozenTeacher, state_fingerprint
 
 
 def ema_momentum(step: int, total_steps: int, start: float, end: float | None) -> float:
@@ -41,39 +36,23 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
             t.copy_(s)
 
 
-class EmaTeacher:
+class EmaTeacher(FrozenTeacher):
+    """A frozen copy of the student (eval mode, no gradients, taps as any frozen teacher) that
+    :meth:`after_step` moves toward the student."""
+
     def __init__(self, student: nn.Module, momentum: float = 0.999, end_momentum: float | None = None,
                  total_steps: int = 0):
-        self.model = copy.deepcopy(student).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        super().__init__(copy.deepcopy(student))
         self.momentum, self.end_momentum, self.total_steps = momentum, end_momentum, total_steps
-        self._taps: Taps | None = None
-
-    def use_taps(self, paths: Sequence[str]) -> None:
-        if self._taps is not None:
-            self._taps.remove()
-        self._taps = Taps(self.model, paths, detach=True).attach() if paths else None
-
-    @torch.no_grad()
-    def outputs(self, batch: Batch, views: Sequence[str]) -> dict[str, ModelOutput]:
-        if self.model.training:
-            self.model.eval()
-        return model_outputs(self.model, batch, views, self._taps)
 
     def after_step(self, student: nn.Module, step: int) -> None:
         ema_update(self.model, student, ema_momentum(step, self.total_steps, self.momentum, self.end_momentum))
 
     def fingerprint(self) -> str:
-        return state_fingerprint(self.model, "ema")
+        return state_fingerprint(self.model, "ema")  # changes every step: never cached
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self.model.state_dict().items()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         self.model.load_state_dict(tensors)
-
-    def close(self) -> None:
-        if self._taps is not None:
-            self._taps.remove()
-            self._taps = None
