@@ -45,12 +45,13 @@ class SetupInfo:
     num_samples: int  # 1 + the largest stable sample index: the row count of a per-sample store
     steps_per_epoch: int
     epochs: int
+    total_steps: int | None = None  # optimizer steps of the run; None: epochs × steps_per_epoch
     loader: Any = None  # the training loader: for state computed over the whole training set (k-means, ...)
     teacher: Any = None  # the Teacher (None without one)
 
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
+    def __post_init__(self) -> None:
+        if self.total_steps is None:  # train.steps may end the last epoch early; otherwise whole epochs
+            object.__setattr__(self, "total_steps", self.epochs * self.steps_per_epoch)
 
 
 @dataclass

@@ -87,7 +87,7 @@ class PSKD(Method):
 
     def schedules(self, info) -> dict[str, np.ndarray]:
         per_epoch = [pskd_alpha(e, info.epochs, self.config.alpha_T) for e in range(info.epochs)]
-        return {ALPHA: np.repeat(np.asarray(per_epoch, dtype=np.float64), info.steps_per_epoch)}
+        return {ALPHA: np.repeat(np.asarray(per_epoch, dtype=np.float64), info.steps_per_epoch)[: info.total_steps]}
 
     def forward(self, student, teacher, batch, ctx) -> MethodOutput:
         logits = student[INPUT].logits

@@ -246,7 +246,7 @@ class Trainer:
         self.student.train(was_training)
         first = student_out[self.method.student_views[0]].logits
         info = SetupInfo(self.student, int(first.shape[-1]), _num_samples(self.loader), self.steps_per_epoch,
-                         self.epochs, loader=self.loader, teacher=self.teacher)
+                         self.epochs, self.total_steps, loader=self.loader, teacher=self.teacher)
         self.method.setup(student_out, teacher_out, info)
         return info
 

@@ -224,3 +224,12 @@ def test_train_steps_sets_the_exact_budget_and_resumes_exactly(tmp_path):
     b = run(recipe, tmp_path / "b", resume=True, progress=False)
     assert b["train"]["steps"] == 30 and b["train"]["resumed_from_step"] == 28
     assert_bit_identical(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("method", [{"name": "pskd"}, {"name": "dkd", "warmup_epochs": 0.5}])
+def test_epoch_based_schedules_follow_a_step_budget(tmp_path, teacher_run, method):
+    """Methods whose schedules are written per epoch still get one value per step under train.steps."""
+    extra = {"teacher": {"run": str(teacher_run)}} if method["name"] == "dkd" else {}
+    recipe = load_recipe(tiny_recipe(method=method, **extra), ["train.steps=25"])  # 19 steps/epoch
+    summary = run(recipe, tmp_path / "r", progress=False)
+    assert summary["train"]["steps"] == 25
