@@ -201,25 +201,31 @@ def markdown(name: str, stats: dict[str, list[Line]], rows: list[Row], baseline:
 
 
 def plot(path: Path, name: str, stats: dict[str, list[Line]]) -> Path:
-    """Grouped bars: one group per setting, one bar per method (mean test accuracy, std error bars)."""
+    """One panel per setting, one horizontal bar per method (mean test accuracy, std error bars).
+
+    Methods are labelled on the axis rather than by colour, so the plot stays readable with dozens of
+    methods; the baseline's mean is a dashed line across each panel.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: see alambic.report.plots
     from matplotlib.figure import Figure
 
     settings = list(stats)
     methods = [line.method for line in next(iter(stats.values()))]
-    width = 0.8 / max(len(methods), 1)
-    fig = Figure(figsize=(max(5.0, 1.2 + 0.5 * len(settings) * len(methods)), 4), layout="constrained")
-    ax = fig.subplots()
-    for i, m in enumerate(methods):
-        means = [100 * stats[s][i].mean for s in settings]
-        stds = [100 * stats[s][i].std for s in settings]
-        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(settings))]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=m)
-    ax.set_xticks(range(len(settings)), settings)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{name}: test accuracy, mean ± std over seeds")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    ax.grid(axis="y", alpha=0.3)
+    fig = Figure(figsize=(1.0 + 4.0 * len(settings), 1.2 + 0.28 * len(methods)), layout="constrained")
+    axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
+    ys = list(range(len(methods)))[::-1]  # first method on top
+    for ax, setting in zip(axes, settings):
+        lines = stats[setting]
+        ax.barh(ys, [100 * line.mean for line in lines], xerr=[100 * line.std for line in lines], capsize=2,
+                color=["tab:gray" if line.method == "ce" else "tab:blue" for line in lines])
+        base = next((line for line in lines if line.method == "ce"), None)
+        if base is not None and not math.isnan(base.mean):
+            ax.axvline(100 * base.mean, color="black", linestyle="--", linewidth=1)
+        ax.set_title(setting)
+        ax.set_xlabel("test accuracy (%)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ys, methods)
+    fig.suptitle(f"{name}: test accuracy, mean ± std over seeds (dashed: ce)")
     FigureCanvasAgg(fig)
     fig.savefig(path, format="png", dpi=120)
     return path
