@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from alambic.errors import RunDirError
 from alambic.recipe import load_recipe
 from alambic.run import run
 
@@ -35,14 +36,18 @@ def quickstart(out: str | Path = "runs/quickstart", seeds: int = 3, progress: bo
     started = time.perf_counter()
     console.print(f"[bold]alambic quickstart[/] -> {out}  (digits; teacher on all labels, students on 10%)")
     teacher_dir = out / "teacher"
-    teacher = run(load_recipe(recipe_path("teacher")), teacher_dir, resume=True, progress=progress)
-    rows: dict[str, list[dict[str, Any]]] = {"student-ce": [], "student-kd": []}
-    for seed in range(seeds):
-        for name in rows:
-            overrides = [f"seed={seed}"] + ([f"teacher.run={teacher_dir}"] if name == "student-kd" else [])
-            summary = run(load_recipe(recipe_path(name), overrides), out / f"{name}-seed{seed}",
-                          resume=True, progress=progress)
-            rows[name].append(summary)
+    try:
+        teacher = run(load_recipe(recipe_path("teacher")), teacher_dir, resume=True, progress=progress)
+        rows: dict[str, list[dict[str, Any]]] = {"student-ce": [], "student-kd": []}
+        for seed in range(seeds):
+            for name in rows:
+                overrides = [f"seed={seed}"] + ([f"teacher.run={teacher_dir}"] if name == "student-kd" else [])
+                summary = run(load_recipe(recipe_path(name), overrides), out / f"{name}-seed{seed}",
+                              resume=True, progress=progress)
+                rows[name].append(summary)
+    except RunDirError as exc:  # finished runs are reused; ones made by other recipes are never overwritten
+        raise RunDirError(f"{exc} (it was made by another version of the quickstart: delete {out} or "
+                          "pass --out DIR)") from None
     result = _table(teacher, rows)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     _print(result, console)

@@ -124,3 +124,18 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp
     a = load_file(str(tmp_path / "straight" / "student.safetensors"))
     b = load_file(str(tmp_path / "killed" / "student.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quickstart_reuses_finished_runs_and_names_a_stale_directory(tmp_path):
+    from alambic.errors import RunDirError
+    from alambic.quickstart import quickstart
+
+    first = quickstart(tmp_path / "qs", seeds=2, progress=False)
+    ce, kd = first["models"]["student-ce"], first["models"]["student-kd"]
+    assert ce["seeds"] == kd["seeds"] == 2 and ce["params"] == kd["params"] < first["models"]["teacher"]["params"]
+    again = quickstart(tmp_path / "qs", seeds=2, progress=False)  # every run finished: nothing retrains
+    assert again["models"] == first["models"]
+    recipe = tmp_path / "qs" / "student-ce-seed0" / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("lr: 0.003", "lr: 0.004"))
+    with pytest.raises(RunDirError, match=r"another version of the quickstart: delete .* or pass --out DIR"):
+        quickstart(tmp_path / "qs", seeds=2, progress=False)
