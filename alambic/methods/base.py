@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from alambic.data.batch import INPUT, Batch
+from alambic.errors import AlambicError
+from alambic.losses import kd_loss, masked_cross_entropy
 from alambic.teachers.base import ModelOutput
 
 
@@ -126,3 +128,20 @@ class Method(nn.Module):
     ) -> MethodOutput:
         raise NotImplementedError
 
+
+def supervised_terms(student_logits: Tensor, teacher_logits: Tensor | None, batch, ce_weight: float,
+                     kd_weight: float, temperature: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """``ce_weight · CE(labelled) + kd_weight · KD(T)``, the supervised part many methods add to their own term.
+
+    A term with weight 0 is neither computed nor logged.
+    """
+    loss, terms = student_logits.sum() * 0.0, {}
+    if ce_weight > 0:
+        ce = ce_weight * masked_cross_entropy(student_logits, batch.target, all_labeled=batch.all_labeled)
+        loss, terms["ce"] = loss + ce, ce.detach()
+    if kd_weight > 0:
+        if teacher_logits is None:
+            raise AlambicError("kd_weight > 0 needs a teacher with logits")
+        kd = kd_weight * kd_loss(student_logits, teacher_logits, temperature)
+        loss, terms["kd"] = loss + kd, kd.detach()
+    return loss, terms

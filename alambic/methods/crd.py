@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from alambic.data.batch import INPUT
 from alambic.errors import AlambicError
-from alambic.losses import crd_infonce_loss, crd_nce_loss, kd_loss, masked_cross_entropy, nce_log_normalizer
-from alambic.methods.base import Method, MethodConfig, MethodOutput
+from alambic.losses import crd_infonce_loss, crd_nce_loss, nce_log_normalizer
+from alambic.methods.base import Method, MethodConfig, MethodOutput, supervised_terms
 from alambic.registry import METHODS
 
 
@@ -158,16 +158,10 @@ class CRD(Method):
         v_t = self.embed_t(t_out.features[cfg.teacher_tap].detach())
         crd = cfg.crd_weight * self.contrastive(v_s, v_t, batch.index, ctx.step)
         logits = s_out.logits
-        terms = {"crd": crd.detach()}
-        loss = crd
-        if cfg.ce_weight > 0:
-            ce = cfg.ce_weight * masked_cross_entropy(logits, batch.target, all_labeled=batch.all_labeled)
-            terms["ce"] = ce.detach()
-            loss = loss + ce
-        if cfg.kd_weight > 0:
-            kd = cfg.kd_weight * kd_loss(logits, t_out.logits, cfg.temperature)
-            terms["kd"] = kd.detach()
-            loss = loss + kd
+        supervised, terms = supervised_terms(logits, t_out.logits, batch, cfg.ce_weight, cfg.kd_weight,
+                                             cfg.temperature)
+        terms = {"crd": crd.detach(), **terms}
+        loss = crd + supervised
         if self.training:  # after the loss: this step's scores used the banks as they were
             index = batch.index.long().to(self.memory_s.device)
             momentum_update_rows(self.memory_s, index, v_s, cfg.momentum)

@@ -46,7 +46,8 @@ from alambic.data.batch import INPUT
 from alambic.errors import AlambicError, ShapeMismatchError
 from alambic.losses import nearest_layers_loss
 from alambic.methods.base import Method, MethodConfig, MethodOutput
-from alambic.methods.relation import supervised_terms, tapped
+from alambic.methods.base import supervised_terms
+from alambic.methods.relation import tapped
 from alambic.registry import METHODS
 
 

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from alambic.data.batch import INPUT
 from alambic.errors import AlambicError, ShapeMismatchError
-from alambic.losses import kd_loss, masked_cross_entropy, pkt_loss, rkd_loss, sp_loss
-from alambic.methods.base import Method, MethodConfig, MethodOutput
+from alambic.losses import pkt_loss, rkd_loss, sp_loss
+from alambic.methods.base import Method, MethodConfig, MethodOutput, supervised_terms
 from alambic.registry import METHODS
 from alambic.teachers.base import ModelOutput
 
@@ -61,21 +61,6 @@ def tapped(out: ModelOutput, tap: str, side: str) -> Tensor:
     except KeyError:
         known = ", ".join(out.features) or "none (an ensemble exposes no taps)"
         raise AlambicError(f"the {side} output has no tap '{tap}' (captured: {known})") from None
-
-
-def supervised_terms(student_logits: Tensor, teacher_logits: Tensor | None, batch, ce_weight: float,
-                     kd_weight: float, temperature: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """``ce_weight · CE(labelled) + kd_weight · KD(T)``; a term with weight 0 is neither computed nor logged."""
-    loss, terms = student_logits.sum() * 0.0, {}
-    if ce_weight > 0:
-        ce = ce_weight * masked_cross_entropy(student_logits, batch.target, all_labeled=batch.all_labeled)
-        loss, terms["ce"] = loss + ce, ce.detach()
-    if kd_weight > 0:
-        if teacher_logits is None:
-            raise AlambicError("kd_weight > 0 needs a teacher with logits")
-        kd = kd_weight * kd_loss(student_logits, teacher_logits, temperature)
-        loss, terms["kd"] = loss + kd, kd.detach()
-    return loss, terms
 
 
 class PairedFeatureMethod(Method):
