@@ -20,6 +20,7 @@ from alambic.methods import SetupInfo, StepContext
 from alambic.methods.crd import CRD, CRDConfig, Embed, draw_negatives, momentum_update_rows
 from alambic.registry import METHODS
 from alambic.teachers.base import ModelOutput
+from tests.reference import np_softmax
 
 TAU = 0.5
 
@@ -189,11 +190,6 @@ def ctx(step: int) -> StepContext:
 def np_embed(head: Embed, x: torch.Tensor) -> np.ndarray:
     w, b = head.linear.weight.detach().numpy(), head.linear.bias.detach().numpy()
     return unit(x.detach().numpy().reshape(len(x), -1) @ w.T + b)
-
-
-def np_softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def test_setup_sizes_heads_banks_and_caps_negatives():

@@ -28,6 +28,7 @@ from alambic.methods.spatial_affinity import SpatialAffinity, SpatialAffinityCon
 from alambic.methods.token_relation import TokenRelation, TokenRelationConfig
 from alambic.registry import METHODS
 from alambic.teachers.base import ModelOutput
+from tests.reference import np_ce, np_kd, np_softmax
 
 CTX = StepContext(step=0, epoch=0, total_steps=10, steps_per_epoch=5)
 RNG = np.random.default_rng(0)
@@ -124,21 +125,6 @@ def np_relations(q, k, heads):
 def np_token_relation(sq, sk, tq, tk, heads) -> float:
     ls, lt = np_relations(sq, sk, heads), np_relations(tq, tk, heads)
     return float((np.exp(lt) * (lt - ls)).sum(-1).mean())
-
-
-def np_softmax(x):
-    return np.exp(np_log_softmax(np.asarray(x, dtype=np.float64)))
-
-
-def np_kd(s, t, temp) -> float:
-    p_s, p_t = np_softmax(np.asarray(s) / temp), np_softmax(np.asarray(t) / temp)
-    return float(temp**2 * (p_t * np.log(p_t / p_s)).sum(-1).mean())
-
-
-def np_ce(logits, target) -> float:
-    p = np_softmax(logits)
-    rows = [(i, y) for i, y in enumerate(target) if y != IGNORE_INDEX]
-    return float(np.mean([-math.log(p[i, y]) for i, y in rows]))
 
 
 # ------------------------------------------------------------------------------------------------------ AT

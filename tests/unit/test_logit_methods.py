@@ -31,6 +31,7 @@ from alambic.methods.dkd import DKD, WARMUP, DKDConfig, dkd_targets, warmup_ramp
 from alambic.methods.kd import KD, KDConfig
 from alambic.registry import METHODS
 from alambic.teachers.base import ModelOutput
+from tests.reference import np_ce, np_softmax
 
 CTX = StepContext(step=0, epoch=0, total_steps=10, steps_per_epoch=5)
 
@@ -56,21 +57,9 @@ def make_batch(target=Y, labeled=LABELED) -> Batch:
                  labeled=None if labeled is None else torch.tensor(labeled))
 
 
-def np_softmax(x):
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def np_kl(p, q) -> np.ndarray:
     """KL(p ‖ q) per row."""
     return (p * np.log(p / q)).sum(-1)
-
-
-def np_ce(logits, target) -> float:
-    p = np_softmax(logits)
-    rows = [(i, y) for i, y in enumerate(target) if y != IGNORE_INDEX]
-    return float(np.mean([-math.log(p[i, y]) for i, y in rows]))
 
 
 def np_tckd_nckd(s, t, target, temp):

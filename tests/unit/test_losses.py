@@ -16,22 +16,11 @@ import torch
 from alambic.data.batch import IGNORE_INDEX
 from alambic.errors import AlambicError, ShapeMismatchError
 from alambic.losses import hint_loss, js_loss, kd_loss, masked_cross_entropy
+from tests.reference import np_ce, np_kd, np_softmax
 
 # A tiny fixed example: 2 samples, 3 classes.
 S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 T_ = [[2.0, 0.0, 1.0], [1.0, 1.0, -2.0]]
-
-
-def np_softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def np_kd(s, t, temp: float) -> float:
-    p_s = np_softmax(np.asarray(s, dtype=np.float64) / temp)
-    p_t = np_softmax(np.asarray(t, dtype=np.float64) / temp)
-    return float(temp**2 * (p_t * np.log(p_t / p_s)).sum(-1).mean())
 
 
 def np_js(s, t, temp: float) -> float:
@@ -239,12 +228,6 @@ def test_js_loss_rejects_non_positive_temperature_like_kd_loss(temp):
 
 
 # ---------------------------------------------------------------------------------- masked_cross_entropy
-
-
-def np_ce(logits, target) -> float:
-    logits = np.asarray(logits, dtype=np.float64)
-    p = np_softmax(logits)
-    return float(np.mean([-math.log(p[i, c]) for i, c in enumerate(target)]))
 
 
 def test_masked_cross_entropy_equals_ce_over_labelled_rows_only():

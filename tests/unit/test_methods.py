@@ -21,6 +21,7 @@ from alambic.methods.fitnet import FitNet, FitNetConfig, make_regressor
 from alambic.methods.kd import KD, KDConfig, LabelFreeConfig, LabelFreeKD
 from alambic.registry import METHODS, Registry
 from alambic.teachers.base import ModelOutput
+from tests.reference import np_ce, np_kd, np_softmax
 
 CTX = StepContext(step=0, epoch=0, total_steps=10, steps_per_epoch=5)
 
@@ -29,23 +30,6 @@ S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [2.0, 0.0, 0.0], [0.5, 0.5, -1.0]]
 T = [[2.0, 0.0, 1.0], [1.0, 1.0, -2.0], [0.0, 3.0, 0.0], [-1.0, 0.0, 1.0]]
 Y = [2, IGNORE_INDEX, 0, IGNORE_INDEX]
 LABELED = [True, False, True, False]
-
-
-def np_softmax(x):
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_ce(logits, target) -> float:
-    rows = [(i, y) for i, y in enumerate(target) if y != IGNORE_INDEX]
-    p = np_softmax(logits)
-    return float(np.mean([-math.log(p[i, y]) for i, y in rows])) if rows else 0.0
-
-
-def np_kd(s, t, temp) -> float:
-    p_s, p_t = np_softmax(np.asarray(s) / temp), np_softmax(np.asarray(t) / temp)
-    return float(temp**2 * (p_t * np.log(p_t / p_s)).sum(-1).mean())
 
 
 def np_js(s, t, temp) -> float:

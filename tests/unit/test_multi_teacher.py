@@ -27,6 +27,7 @@ from alambic.registry import METHODS
 from alambic.teachers import AnalyticTeacher
 from alambic.teachers.base import ModelOutput
 from alambic.teachers.ensemble import TeacherEnsemble
+from tests.reference import np_ce, np_kd, np_softmax
 
 CTX = StepContext(step=0, epoch=0, total_steps=10, steps_per_epoch=5)
 
@@ -35,22 +36,6 @@ T0 = [[2.0, 0.0, 1.0], [1.0, 1.0, -2.0], [0.0, 3.0, 0.0], [-1.0, 0.0, 1.0]]
 T1 = [[0.0, 1.0, 2.0], [3.0, -1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 2.0, -2.0]]
 T2 = [[-1.0, 0.5, 0.0], [0.0, 0.0, 2.0], [2.0, -2.0, 1.0], [1.0, 1.0, 0.0]]
 Y = [2, IGNORE_INDEX, 0, IGNORE_INDEX]
-
-
-def np_softmax(x):
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_ce(logits, target) -> float:
-    p = np_softmax(logits)
-    return float(np.mean([-math.log(p[i, y]) for i, y in enumerate(target) if y != IGNORE_INDEX]))
-
-
-def np_kd(s, t, temp) -> float:
-    p_s, p_t = np_softmax(np.asarray(s) / temp), np_softmax(np.asarray(t) / temp)
-    return float(temp**2 * (p_t * np.log(p_t / p_s)).sum(-1).mean())
 
 
 def f64(x, grad=False) -> torch.Tensor:

@@ -35,24 +35,14 @@ from alambic.teachers.base import ModelOutput
 from alambic.teachers.frozen import state_fingerprint
 from alambic.train.loop import Trainer
 from tests.conftest import tiny_recipe
+from tests.reference import np_ce, np_softmax
 
 S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [2.0, 0.0, 0.0], [0.5, 0.5, -1.0]]
 Y = [2, 1, 0, 1]
 
 
-def np_softmax(x):
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def np_onehot(y, c):
     return np.eye(c)[np.asarray(y)]
-
-
-def np_ce(logits, target) -> float:
-    p = np_softmax(logits)
-    return float(np.mean([-math.log(p[i, y]) for i, y in enumerate(target)]))
 
 
 def np_kl_t2(teacher, student, temp) -> float:

@@ -33,6 +33,7 @@ from alambic.models.zoo import MLP
 from alambic.registry import METHODS
 from alambic.teachers import AnalyticTeacher
 from alambic.teachers.base import ModelOutput
+from tests.reference import np_ce, np_softmax
 
 CTX = StepContext(step=0, epoch=0, total_steps=10, steps_per_epoch=5)
 
@@ -43,21 +44,9 @@ Y = [2, IGNORE_INDEX, 0, IGNORE_INDEX]
 LABELED = [True, False, True, False]
 
 
-def np_softmax(x):
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def np_ce_rows(logits, target) -> np.ndarray:
     p = np_softmax(logits)
     return np.array([-math.log(p[i, y]) for i, y in enumerate(target)])
-
-
-def np_ce(logits, target) -> float:
-    rows = [(i, y) for i, y in enumerate(target) if y != IGNORE_INDEX]
-    p = np_softmax(logits)
-    return float(np.mean([-math.log(p[i, y]) for i, y in rows])) if rows else 0.0
 
 
 def np_kl_rows(s, t, temp) -> np.ndarray:
