@@ -74,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", type=Path)
     rep.set_defaults(func=_report)
 
+    pr = sub.add_parser("probe", help="kNN and linear probes of a finished run's representation (and baselines)")
+    pr.add_argument("run_dir", type=Path)
+    pr.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
+    pr.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (default 0.07)")
+    pr.add_argument("--feature", default=None, help="tap path of the representation (default: the run's)")
+    pr.add_argument("--baselines", action="store_true", help="also probe raw pixels and the untrained network")
+    pr.set_defaults(func=_probe)
+
     e = sub.add_parser("export", help="export a run's student (ONNX is checked against PyTorch)")
     e.add_argument("run_dir", type=Path)
     e.add_argument("--format", choices=["onnx", "safetensors"], default="onnx")
@@ -168,6 +176,19 @@ def _report(args) -> int:
 
     path = render_report(args.run_dir)
     print(f"wrote {path}")
+    return 0
+
+
+def _probe(args) -> int:
+    from alambic.errors import RecipeError
+    from alambic.probe import format_probe, probe_run
+
+    if args.k < 1 or args.temperature <= 0:
+        raise RecipeError(f"probe: --k must be >= 1 and --temperature > 0, got {args.k} and {args.temperature}")
+    result = probe_run(args.run_dir, k=args.k, temperature=args.temperature, feature=args.feature,
+                       baselines=args.baselines)
+    print(format_probe(result))
+    print(f"wrote {args.run_dir / 'probe.json'}")
     return 0
 
 

@@ -22,14 +22,17 @@ from torch import nn
 from alambic import methods as _methods  # noqa: F401  (registers methods)
 from alambic.data import sources as _sources  # noqa: F401  (registers datasets)
 from alambic.data.batch import INPUT
-from alambic.data.loader import make_loader
+from alambic.data.loader import WithoutLabels, make_loader
+from alambic.data.views import AugmentedLoader, ViewMaker
 from alambic.data.splits import DataBundle, Split, build_data
 from alambic.errors import AlambicError, RunDirError, ShapeMismatchError
 from alambic.eval.classification import accuracy, agreement, expected_calibration_error, nll, predict
 from alambic.eval.efficiency import cpu_latency_ms, parameter_count, size_on_disk
 from alambic.export.weights import export_safetensors, load_weights
 from alambic.methods.base import Method
+from alambic.models.heads import DEFAULT_FEATURES, EmbeddingNet
 from alambic.models.zoo import build_model, import_object
+from alambic.probe import CollapseWatch, ProbeCallback, probe_model
 from alambic.recipe.load import dump_recipe, model_spec
 from alambic.recipe.schema import Recipe, TeacherSpec
 from alambic.registry import METHODS
@@ -38,6 +41,7 @@ from alambic.teachers.base import Teacher
 from alambic.teachers.ema import EmaTeacher
 from alambic.teachers.ensemble import TeacherEnsemble
 from alambic.teachers.frozen import FrozenTeacher
+from alambic.teachers.transfer import TransferTeacher
 from alambic.train.loop import Callback, Trainer
 from alambic.train.seeding import seed_everything
 
@@ -69,34 +73,107 @@ def run(
     student = build_model(recipe.student, data.input_shape, data.num_classes)
     method_cls: type[Method] = METHODS.get(recipe.method.name).obj
     method = method_cls(recipe.method.options)
+    ssl = method_cls.self_supervised
     train = data.train if method_cls.uses_unlabeled else data.train.labeled_only()
     if len(train) == 0:
         raise AlambicError("the training split has no sample this method can use (no labelled sample?)")
     loader = make_loader(train, recipe.train.batch_size, shuffle=True, seed=recipe.seed)
+    if ssl:  # labels never reach a self-supervised method; the probes read them from `data`
+        loader = WithoutLabels(loader)
+    views = [INPUT]
+    if recipe.views is not None:
+        maker = ViewMaker(recipe.views, data.input_shape)
+        loader = AugmentedLoader(loader, maker, seed=recipe.seed)
+        views += maker.names
+    method.use_views(views)
+    net = method.wrap_student(student, data.train.x[:2], recipe.student.arch)
+    total_steps = recipe.train.plan(len(loader))[1]
     if teacher is None and recipe.teacher_specs():
         specs = recipe.teacher_specs()
-        total_steps = recipe.train.plan(len(loader))[1]
-        built = [build_teacher(t, data, student, total_steps) for t in specs]
+        built = [build_teacher(t, data, net, total_steps, len(loader)) for t in specs]
         teacher = built[0] if recipe.teacher is not None else TeacherEnsemble(built)
     if method_cls.needs_teacher and teacher is None:
-        raise AlambicError(f"method '{recipe.method.name}' needs a teacher: add a teacher section to the recipe")
+        hint = " (an EMA of the student: teacher: {ema: {momentum: 0.996, end_momentum: 1.0}})" if ssl else ""
+        raise AlambicError(f"method '{recipe.method.name}' needs a teacher: add a teacher section to the recipe{hint}")
     ev = recipe.eval
 
     def validate(model: nn.Module) -> dict[str, float]:
         logits = predict(model, _inputs(data.val, ev.batch_size))
         return {"accuracy": accuracy(logits, data.val.y), "loss": nll(logits, data.val.y)}
 
-    trainer = Trainer(student, method, loader, recipe.train, teacher=teacher, run_dir=out, val_fn=validate,
-                      callbacks=callbacks, progress=progress)
+    callbacks = list(callbacks)
+    feature = representation_path(net, method, recipe)
+    probe_every = ev.probe_every if ev.probe_every is not None else (max(1, total_steps // 10) if ssl else 0)
+    if probe_every and feature is not None:
+        callbacks.append(ProbeCallback(data, feature, probe_every, k=ev.knn_k, temperature=ev.knn_temperature,
+                                       max_train=ev.probe_train_samples, batch_size=ev.batch_size))
+    watch = CollapseWatch() if ssl else None
+    if watch is not None:
+        callbacks.append(watch)
+    trainer = Trainer(net, method, loader, recipe.train, teacher=teacher, run_dir=out,
+                      val_fn=None if ssl else validate, callbacks=callbacks, progress=progress)
     fit = trainer.fit(resume=resume)
     if hasattr(teacher, "close"):
         teacher.close()
-    method.tune_on_validation(student, data.val.x, data.val.y)
-    return finish(out, recipe, data, method.deploy(student), teacher, method, fit_info={
+    fit_info = {
         "steps": fit.steps, "epochs": fit.epochs, "wall_time_s": round(fit.wall_time_s, 3),
         "resumed_from_step": fit.resumed_from, "train_samples": len(train),
-        "labeled_train_samples": int(train.labeled.sum()),
-    })
+        "labeled_train_samples": 0 if ssl else int(train.labeled.sum()),
+    }
+    if ssl:
+        return finish_representation(out, recipe, data, student, feature, teacher, fit_info,
+                                     warnings=watch.warnings if watch is not None else [])
+    method.tune_on_validation(student, data.val.x, data.val.y)
+    return finish(out, recipe, data, method.deploy(student), teacher, method, fit_info=fit_info)
+
+
+def representation_path(net: nn.Module, method: Method, recipe: Recipe) -> str | None:
+    """Tap path of the student's representation, for probes: the wrapper's, the method's, or the zoo default."""
+    if isinstance(net, EmbeddingNet):
+        return net.feature
+    path = getattr(method, "feature", None)
+    if isinstance(path, str):
+        return path
+    return DEFAULT_FEATURES.get(recipe.student.arch)
+
+
+def finish_representation(out: Path, recipe: Recipe, data: DataBundle, student: nn.Module, feature: str,
+                          teacher: Teacher | None, fit_info: dict[str, Any],
+                          warnings: Sequence[str] = ()) -> dict[str, Any]:
+    """Probe a self-supervised student's representation on val and test; write it, the summary and the report.
+
+    ``summary.test.accuracy`` is the linear probe's test accuracy (the usual headline of self-supervised
+    evaluation), beside ``knn_accuracy``; the deployed student is the backbone without its projection
+    head, with ``features`` (the tap path of its representation) in ``student.json``.
+    """
+    from alambic.report import render_report
+
+    ev = recipe.eval
+    threads = recipe.train.threads or 1
+    probe = probe_model(student, feature, data, k=ev.knn_k, temperature=ev.knn_temperature, batch_size=ev.batch_size)
+    summary: dict[str, Any] = {
+        "name": recipe.name, "method": recipe.method.name, "seed": recipe.seed, "data": recipe.data.name,
+        "data_fingerprint": data.fingerprint, "kind": "representation", "feature": feature,
+        "test": {"accuracy": probe["linear_test"], "knn_accuracy": probe["knn_test"],
+                 "linear_accuracy": probe["linear_test"]},
+        "val": {"accuracy": probe["linear_val"], "knn_accuracy": probe["knn_val"]},
+        "probe": probe,
+        "student": {"params": parameter_count(student), "size_bytes": size_on_disk(student),
+                    "latency_ms": cpu_latency_ms(student, data.test.x[:1], batch_size=ev.latency_batch_size,
+                                                 repeats=ev.latency_repeats, threads=threads)},
+        "teacher": None, "train": fit_info, "warnings": list(warnings),
+    }
+    if isinstance(teacher, EmaTeacher):
+        t = probe_model(teacher.model.backbone, feature, data, k=ev.knn_k, temperature=ev.knn_temperature)
+        summary["teacher"] = {"kind": "ema", "test": {"accuracy": t["linear_test"], "knn_accuracy": t["knn_test"]},
+                              "probe": t}
+    meta = {"arch": recipe.student.resolved(), "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "class_names": data.class_names, "features": feature}
+    export_safetensors(student, out / STUDENT_WEIGHTS, metadata={"alambic": json.dumps(meta)})
+    (out / STUDENT_META).write_text(json.dumps(meta, indent=2))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    render_report(out)
+    return summary
 
 
 def finish(out: Path, recipe: Recipe, data: DataBundle, student: nn.Module, teacher: Teacher | None,
@@ -218,12 +295,19 @@ def load_student(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None = None,
-                  total_steps: int = 0) -> Teacher:
+                  total_steps: int = 0, steps_per_epoch: int = 1) -> Teacher:
     """The teacher a recipe's teacher section describes (an EMA teacher copies ``student``)."""
     if spec.ema is not None:
         if student is None:
             raise AlambicError("an EMA teacher needs the student it averages")
-        return EmaTeacher(student, spec.ema.momentum, spec.ema.end_momentum, total_steps)
+        every = steps_per_epoch if spec.ema.update == "epoch" else 1
+        return EmaTeacher(student, spec.ema.momentum, spec.ema.end_momentum, total_steps, every=every)
+    if spec.transfer is not None:
+        t = spec.transfer
+        source, meta = load_student(t.run)
+        _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.transfer.run {t.run}")
+        return TransferTeacher(source, t.momentum, t.end_momentum, total_steps,
+                               every=steps_per_epoch if t.update == "epoch" else 1, name_map=t.name_map, skip=t.skip)
     if spec.run is not None:
         model, meta = load_student(spec.run)
         _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.run {spec.run}")

@@ -148,3 +148,26 @@ def make_loader(data: Split | Dataset, batch_size: int, **kw: Any) -> TensorLoad
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         return DatasetLoader(data, batch_size, **kw)  # type: ignore[arg-type]
     raise TypeError(f"make_loader wants a Split or a torch Dataset, got {type(data).__name__}")
+
+
+class WithoutLabels:
+    """A loader whose batches carry no target at all: what a self-supervised method trains on.
+
+    Wraps any loader with ``epoch(e, start)``; ``Batch.target`` and ``Batch.labeled`` are None, so no loss
+    can read a label, by construction rather than by care. Other attributes are the wrapped loader's.
+    """
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        for b in self.loader.epoch(epoch, start):
+            yield Batch(views=b.views, index=b.index, target=None, labeled=None, extras=b.extras)

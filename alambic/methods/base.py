@@ -9,7 +9,7 @@ drops them from the method's training set). Its options live in its own strict `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -61,6 +61,7 @@ class MethodOutput:
     loss: Tensor  # scalar to minimise
     terms: dict[str, Tensor]  # weighted contributions to ``loss``, for logging and NaN reports
     logits: Tensor | None = None
+    monitors: dict[str, Tensor] = field(default_factory=dict)  # logged and shown, never trained (collapse watch)
 
 
 class Method(nn.Module):
@@ -70,12 +71,34 @@ class Method(nn.Module):
     paper: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = False
     uses_unlabeled: ClassVar[bool] = False
-    student_views: ClassVar[tuple[str, ...]] = (INPUT,)
-    teacher_views: ClassVar[tuple[str, ...]] = (INPUT,)
+    self_supervised: ClassVar[bool] = False  # trains on every sample without its label; evaluated by probes
+    student_views: tuple[str, ...] = (INPUT,)
+    teacher_views: tuple[str, ...] = (INPUT,)
 
     def __init__(self, config: MethodConfig | None = None):
         super().__init__()
         self.config = config if config is not None else self.Config()
+
+    def use_views(self, names: Sequence[str]) -> None:
+        """Choose which of the loader's views (``names``, in order) each side sees; called before training.
+
+        The default keeps the class's own ``student_views``/``teacher_views`` and checks they exist. A
+        multi-view method (DINO, BYOL) overrides this to build its view plan from the names.
+        """
+        missing = [v for v in (*self.student_views, *self.teacher_views) if v not in names]
+        if missing:
+            raise AlambicError(
+                f"method {type(self).__name__} reads view(s) {missing}, the data gives {list(names)}: "
+                f"add them to the recipe's `views:` section"
+            )
+
+    def wrap_student(self, student: nn.Module, example: Tensor, arch: str) -> nn.Module:
+        """The network to train around ``student`` (self-supervised methods add a projection head).
+
+        ``example`` is a small batch of inputs (to size heads); ``arch`` the student's architecture name
+        (to find its representation). The run deploys ``student`` itself, not the wrapper.
+        """
+        return student
 
     def student_taps(self) -> list[str]:
         return []

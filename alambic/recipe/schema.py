@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from alambic.data.views import ViewsSpec
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -77,6 +79,18 @@ class EmaSpec(Strict):
 
     momentum: float = Field(0.999, ge=0, le=1, description="m in θ_T <- m·θ_T + (1-m)·θ_S")
     end_momentum: float | None = Field(None, ge=0, le=1, description="cosine schedule from momentum to this")
+    update: Literal["step", "epoch"] = Field("step", description="average after every optimizer step or every epoch")
+
+
+class TransferSpec(Strict):
+    """Pull the student's parameters toward a trained model's after each epoch (MACIL-SD's self-distillation)."""
+
+    run: Path = Field(description="run directory of the source model (its finished student)")
+    momentum: float = Field(0.91, ge=0, le=1, description="m in θ_S <- m·θ_S + (1-m)·θ_src at the first transfer")
+    end_momentum: float | None = Field(1.0, ge=0, le=1, description="cosine schedule from momentum to this")
+    update: Literal["step", "epoch"] = "epoch"
+    name_map: dict[str, str] = Field(default_factory=dict, description="student name or prefix -> source name or prefix")
+    skip: list[str] = Field(default_factory=list, description="glob patterns of student parameters left alone")
 
 
 class TeacherSpec(Strict):
@@ -88,12 +102,13 @@ class TeacherSpec(Strict):
     estimator: str | None = Field(None, description="'pkg.mod:Class' of a scikit-learn estimator fit on the labelled data")
     estimator_kwargs: dict[str, Any] = Field(default_factory=dict)
     ema: EmaSpec | None = None
+    transfer: TransferSpec | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherSpec":
-        given = [k for k in ("run", "model", "estimator", "ema") if getattr(self, k) is not None]
+        given = [k for k in ("run", "model", "estimator", "ema", "transfer") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of run, model, estimator, ema; got {given or 'none'}")
+            raise ValueError(f"give exactly one of run, model, estimator, ema, transfer; got {given or 'none'}")
         if self.weights is not None and self.model is None:
             raise ValueError("weights needs model (the architecture the weights belong to)")
         return self
@@ -143,6 +158,14 @@ class EvalSpec(Strict):
     latency_batch_size: int = Field(1, ge=1)
     latency_repeats: int = Field(50, ge=1)
     batch_size: int = Field(512, ge=1)
+    probe_every: int | None = Field(
+        None, ge=0,
+        description="optimizer steps between online kNN probes (validation split) of the student and an EMA teacher; "
+                    "None: 10 per run for self-supervised methods, none otherwise; 0: off",
+    )
+    knn_k: int = Field(20, ge=1, description="neighbours of the kNN probe (DINO: 20)")
+    knn_temperature: float = Field(0.07, gt=0, description="temperature of the kNN probe's vote weights (DINO: 0.07)")
+    probe_train_samples: int = Field(5000, ge=1, description="labelled training samples the online probes use")
 
 
 class Recipe(Strict):
@@ -152,6 +175,7 @@ class Recipe(Strict):
     student: ModelSpec = Field(default_factory=ModelSpec)
     teacher: TeacherSpec | None = None
     teachers: list[TeacherSpec] | None = Field(None, min_length=1, description="several teachers (an ensemble)")
+    views: ViewsSpec | None = Field(None, description="augmented views of each training batch (multi-crop, masks)")
     method: MethodSpec = Field(default_factory=MethodSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -167,7 +191,10 @@ class Recipe(Strict):
 
     def resolved(self) -> dict[str, Any]:
         """The full recipe with every default filled in, as plain YAML-able data."""
-        out = self.model_dump(mode="json", exclude={"data", "student", "teacher", "teachers", "method"})
+        out = self.model_dump(mode="json", exclude={"data", "student", "teacher", "teachers", "method"},
+                              exclude_none=False)
+        if out.get("views") is None:
+            out.pop("views", None)
         out["data"] = self.data.resolved()
         out["student"] = self.student.resolved()
         out["method"] = self.method.resolved()
@@ -176,7 +203,7 @@ class Recipe(Strict):
         if self.teachers is not None:
             out["teachers"] = [_teacher_resolved(t) for t in self.teachers]
         # key order as a reader expects it
-        order = ["name", "seed", "data", "student", "teacher", "teachers", "method", "train", "eval"]
+        order = ["name", "seed", "data", "student", "teacher", "teachers", "views", "method", "train", "eval"]
         return {k: out[k] for k in order if k in out}
 
 

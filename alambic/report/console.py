@@ -11,6 +11,8 @@ from rich.table import Table
 
 def print_summary(summary: dict[str, Any], run_dir: Path, console: Console | None = None) -> None:
     console = console or Console()
+    if summary.get("kind") == "representation":
+        return _print_representation(summary, run_dir, console)
     table = Table(title=f"{summary['name']} · method {summary['method']} · seed {summary['seed']}")
     for col in ("model", "test acc", "ECE", "agreement", "params", "latency ms/sample"):
         table.add_column(col, justify="right" if col != "model" else "left")
@@ -26,3 +28,21 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console | Non
 
 def _fmt(value: Any, spec: str = "{:.4f}") -> str:
     return "" if value is None else spec.format(value)
+
+
+def _print_representation(summary: dict[str, Any], run_dir: Path, console: Console) -> None:
+    table = Table(title=f"{summary['name']} · method {summary['method']} · seed {summary['seed']} · probes "
+                        f"of `{summary.get('feature')}`")
+    for col in ("model", "kNN test", "linear test", "feature std", "params"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    rows = [("student", summary.get("probe") or {}, summary["student"].get("params"))]
+    if summary.get("teacher"):
+        rows.append(("EMA teacher", summary["teacher"].get("probe") or {}, None))
+    for name, p, params in rows:
+        table.add_row(name, _fmt(p.get("knn_test")), _fmt(p.get("linear_test")), _fmt(p.get("feature_std")),
+                      _fmt(params, "{:,}"))
+    console.print(table)
+    for w in summary.get("warnings") or []:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    console.print(f"run directory: {run_dir} (report.md, summary.json, student.safetensors); "
+                  f"baselines: alambic probe {run_dir} --baselines")

@@ -39,6 +39,8 @@ CHECKPOINT = "checkpoint.safetensors"
 class Callback:
     """Typed events of the loop; override what you need (all are no-ops here)."""
 
+    def on_fit_start(self, trainer: "Trainer", resumed: bool) -> None: ...
+
     def on_step_end(self, trainer: "Trainer", step: int, logs: dict[str, Any]) -> None: ...
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, val: dict[str, float] | None) -> None: ...
@@ -102,10 +104,10 @@ class Trainer:
         if self.cfg.grad_accum == 1:
             out = self._forward(batch, ctx)
             out.loss.backward()
-            total, terms = out.loss.detach(), dict(out.terms)
+            total, terms, monitors = out.loss.detach(), dict(out.terms), dict(out.monitors)
         else:  # chunks weighted by their share of the batch: the mean over the batch, as one big step
             n = len(batch)
-            total, terms = torch.zeros(()), {}
+            total, terms, monitors = torch.zeros(()), {}, {}
             for rows in _chunks(n, self.cfg.grad_accum):
                 weight = (rows.stop - rows.start) / n
                 out = self._forward(batch.select(rows), ctx)
@@ -113,6 +115,8 @@ class Trainer:
                 total = total + out.loss.detach() * weight
                 for k, v in out.terms.items():
                     terms[k] = terms.get(k, 0.0) + v * weight
+                for k, v in out.monitors.items():
+                    monitors[k] = monitors.get(k, 0.0) + v.detach() * weight
         loss = float(total)
         if not math.isfinite(loss):
             bad = next((k for k, v in terms.items() if not math.isfinite(float(v))), "loss")
@@ -129,7 +133,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher is not None:
             self.teacher.after_step(self.student, ctx.step + 1)
-        return {"loss": loss, "terms": terms, "lr": lr}
+        return {"loss": loss, "terms": terms, "lr": lr, "monitors": monitors}
 
     def _forward(self, batch: Batch, ctx: StepContext):
         """Teacher outputs, student outputs, the method's loss: the top of the diagram."""
@@ -149,8 +153,12 @@ class Trainer:
             self.metrics.truncate_after(-1)
         started = time.perf_counter()
         window = _Window()
+        self.status: dict[str, str] = {}  # short "name value" strings callbacks and monitors show in the bar
         with self._progress() as bar:
-            task = bar.add_task("train", total=self.total_steps, completed=self.step, loss=float("nan"), sps=0.0)
+            task = bar.add_task("train", total=self.total_steps, completed=self.step, loss=float("nan"), sps=0.0,
+                                status="")
+            for cb in self.callbacks:
+                cb.on_fit_start(self, resumed is not None)
             while epoch < self.epochs:
                 for batch in self.loader.epoch(epoch, start=pos):
                     if self.step >= self.total_steps:  # train.steps may end the last epoch early
@@ -164,8 +172,9 @@ class Trainer:
                     if self.step % self.cfg.log_every == 0:
                         record = window.flush(self.step, epoch, logs["lr"])
                         self.metrics.write(record)
-                        bar.update(task, loss=record["loss"], sps=record["samples_per_s"])
-                    bar.update(task, advance=1)
+                        self.status.update({k: f"{v:.3g}" for k, v in record.get("monitors", {}).items()})
+                        bar.update(task, loss=record["loss"], sps=record["samples_per_s"], status=self._status())
+                    bar.update(task, advance=1, status=self._status())
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and pos < self.steps_per_epoch:
                         self.save_checkpoint(epoch, pos)
                     for cb in self.callbacks:
@@ -250,11 +259,15 @@ class Trainer:
         self.method.setup(student_out, teacher_out, info)
         return info
 
+    def _status(self) -> str:
+        return " ".join(f"{k} {v}" for k, v in self.status.items())
+
     def _progress(self):
         return Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:,.0f} samples/s"),
-            TimeRemainingColumn(), disable=not self.show_progress, transient=False,
+            TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not self.show_progress,
+            transient=False,
         )
 
 
@@ -289,6 +302,7 @@ class _Window:
     def reset(self) -> None:
         self.count, self.loss, self.samples = 0, 0.0, 0
         self.terms: dict[str, Any] = {}
+        self.monitors: dict[str, Any] = {}
         self.started = time.perf_counter()
 
     def add(self, logs: dict[str, Any], samples: int) -> None:
@@ -297,6 +311,8 @@ class _Window:
         self.loss += logs["loss"]
         for k, v in logs["terms"].items():
             self.terms[k] = self.terms.get(k, 0.0) + v  # tensors: converted once per flush, not per step
+        for k, v in logs.get("monitors", {}).items():
+            self.monitors[k] = self.monitors.get(k, 0.0) + v
 
     def flush(self, step: int, epoch: int, lr: float) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
@@ -305,5 +321,7 @@ class _Window:
             "terms": {k: float(v) / self.count for k, v in self.terms.items()}, "lr": lr,
             "samples_per_s": self.samples / elapsed,
         }
+        if self.monitors:
+            record["monitors"] = {k: float(v) / self.count for k, v in self.monitors.items()}
         self.reset()
         return record

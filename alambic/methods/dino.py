@@ -1,0 +1,98 @@
+"""``dino``: self-distillation with no labels, an EMA teacher, centering and sharpening across multi-crop views."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from alambic.losses import dino_center, dino_loss
+from alambic.methods._ssl import cross_view_plan, warmup_then_constant
+from alambic.methods.base import Method, MethodConfig, MethodOutput, SetupInfo
+from alambic.models.heads import DINOHead, EmbeddingNet, feature_path, tap_dim
+from alambic.registry import METHODS
+
+TEACHER_TEMPERATURE = "teacher_temperature"
+
+
+class DINOConfig(MethodConfig):
+    out_dim: int = Field(256, ge=2, description="K, the number of prototypes of the head (paper: 65,536 on ImageNet)")
+    hidden: int = Field(256, ge=1, description="hidden width of the head's MLP (paper: 2048)")
+    bottleneck: int = Field(64, ge=1, description="width before the L2-normalised prototype layer (paper: 256)")
+    head_layers: int = Field(3, ge=1, description="Linear layers of the head's MLP (paper: 3)")
+    feature: str | None = Field(None, description="tap path of the backbone's representation; None = the zoo default")
+    student_temperature: float = Field(0.1, gt=0, description="τ_s (paper: 0.1)")
+    teacher_temperature: float = Field(0.04, gt=0, description="τ_t after the warm-up (paper: 0.04; 0.07 boosted)")
+    warmup_teacher_temperature: float = Field(0.04, gt=0, description="τ_t at step 0 (paper: 0.04)")
+    warmup_teacher_temperature_epochs: float = Field(0.0, ge=0, description="epochs of the linear τ_t warm-up (paper: 30)")
+    center_momentum: float = Field(0.9, ge=0, le=1, description="m of the center's EMA (paper: 0.9)")
+
+
+@METHODS.register("dino")
+class DINO(Method):
+    """``Σ_{i∈global} Σ_{v≠i} H(softmax((t_i − c)/τ_t), softmax(s_v/τ_s))``, averaged over pairs, no labels.
+
+    The student is the backbone plus a :class:`~alambic.models.heads.DINOHead` (wrapped into an
+    :class:`~alambic.models.heads.EmbeddingNet`); the teacher must be ``teacher: {ema: ...}``, an EMA of
+    backbone *and* head (paper: 0.996 -> 1 by cosine). The teacher sees the global crops, the student every
+    crop (:func:`~alambic.methods._ssl.cross_view_plan`). After each training forward the center moves to
+    ``m·c + (1 − m)·mean(teacher outputs)`` (Eq. 4); with gradient accumulation it moves once per chunk.
+    Centering keeps one prototype from taking over, sharpening (τ_t < τ_s) keeps the teacher from going
+    uniform; the monitors show both: the teacher's per-sample entropy and the entropy of its batch mean,
+    and the loss divided by ln K (near 1: a uniform teacher, collapse).
+    """
+
+    paper = ('Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (DINO), 2021, '
+             'arXiv:2104.14294, Alg. 1, Eq. (3)-(4)')
+
+    Config = DINOConfig
+    needs_teacher = True
+    uses_unlabeled = True
+    self_supervised = True
+
+    def __init__(self, config: DINOConfig | None = None):
+        super().__init__(config)
+        self.register_buffer("center", torch.zeros(1, self.config.out_dim))
+
+    def use_views(self, names) -> None:
+        self.student_views, self.teacher_views = cross_view_plan(names, "dino")
+
+    def make_head(self, in_dim: int) -> DINOHead:
+        cfg = self.config
+        return DINOHead(in_dim, cfg.out_dim, cfg.hidden, cfg.bottleneck, cfg.head_layers)
+
+    def wrap_student(self, student, example, arch):
+        path = feature_path(arch, self.config.feature)
+        return EmbeddingNet(student, path, self.make_head(tap_dim(student, path, example)))
+
+    def schedules(self, info: SetupInfo) -> dict[str, np.ndarray]:
+        cfg = self.config
+        return {TEACHER_TEMPERATURE: warmup_then_constant(
+            info.total_steps, info.steps_per_epoch, cfg.warmup_teacher_temperature, cfg.teacher_temperature,
+            cfg.warmup_teacher_temperature_epochs)}
+
+    def teacher_temperature(self, ctx) -> float:
+        return ctx.values.get(TEACHER_TEMPERATURE, self.config.teacher_temperature)
+
+    def cls_loss(self, student, teacher, ctx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The cross-view DINO term, its monitors, and (in training) the center update."""
+        cfg = self.config
+        s = [student[v].logits for v in self.student_views]
+        t = [teacher[v].logits for v in self.teacher_views]
+        tau_t = self.teacher_temperature(ctx)
+        loss = dino_loss(s, t, self.center, cfg.student_temperature, tau_t)
+        with torch.no_grad():
+            p = ((torch.cat(t) - self.center) / tau_t).softmax(-1)
+            per_sample = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+            mean = p.mean(0)
+            monitors = {"H_teacher": per_sample, "H_mean": -(mean * mean.clamp_min(1e-12).log()).sum(),
+                        "loss_over_lnK": loss.detach() / math.log(cfg.out_dim)}
+            if self.training:
+                self.center.copy_(dino_center(self.center, t, cfg.center_momentum).reshape(self.center.shape))
+        return loss, monitors
+
+    def forward(self, student, teacher, batch, ctx) -> MethodOutput:
+        loss, monitors = self.cls_loss(student, teacher, ctx)
+        return MethodOutput(loss, {"dino": loss.detach()}, None, monitors)
