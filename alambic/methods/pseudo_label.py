@@ -173,29 +173,36 @@ class LossGate(Method):
         self.sample_loss.zero_()
         return float(self.gate)
 
-    def forward(self, student, teacher, batch, ctx) -> MethodOutput:
+    def gated_loss(self, logits: Tensor, pseudo: Tensor, index: Tensor, rows: Tensor, epoch: int) -> Tensor:
+        """``weight · Σ_{i∈rows} CE(logits_i, gated label_i) / |rows|`` with this epoch's losses recorded.
+
+        ``pseudo`` [B] are the pseudo-labels, ``rows`` [B] bool the samples they apply to, ``index`` [B] the
+        stable sample ids. At the first call of a new epoch the gate is refit on the previous epoch's losses.
+        A sample whose loss is below the gate keeps its pseudo-label; one above it takes the model's own
+        arg-max (label correction) or is dropped.
+        """
         cfg = self.config
-        if ctx.epoch > int(self.gate_epoch):
+        if epoch > int(self.gate_epoch):
             self.refit_gate()
-            self.gate_epoch.fill_(ctx.epoch)
+            self.gate_epoch.fill_(epoch)
+        per_sample = F.cross_entropy(logits, pseudo, reduction="none")
+        with torch.no_grad():  # record this epoch's losses of the pseudo-labelled samples
+            dev = self.sample_loss.device
+            picked = rows.to(dev)
+            ids = index.to(dev)[picked]
+            self.sample_loss[ids] = per_sample.detach().to(dev, self.sample_loss.dtype)[picked]
+            self.sample_seen[ids] = True
+        keep = per_sample.detach() < float(self.gate)
+        if cfg.label_correction:
+            target, used = correct_labels(pseudo, keep, logits), rows
+        else:
+            target, used = pseudo, rows & keep
+        terms = F.cross_entropy(logits, target, reduction="none")
+        return cfg.weight * (terms * used).sum() / rows.sum().clamp_min(1)
+
+    def forward(self, student, teacher, batch, ctx) -> MethodOutput:
         s, t = student[INPUT].logits, teacher[INPUT].logits
         ce = masked_cross_entropy(s, batch.target, all_labeled=batch.all_labeled)
         unlabeled = ~batch.labeled_mask()
-        pseudo = t.detach().argmax(-1)
-        per_sample = F.cross_entropy(s, pseudo, reduction="none")
-        with torch.no_grad():  # record this epoch's losses of the pseudo-labelled samples
-            dev = self.sample_loss.device
-            rows = unlabeled.to(dev)
-            index = batch.index.to(dev)[rows]
-            self.sample_loss[index] = per_sample.detach().to(dev, self.sample_loss.dtype)[rows]
-            self.sample_seen[index] = True
-        keep = per_sample.detach() < float(self.gate)
-        if cfg.label_correction:
-            target = correct_labels(pseudo, keep, s)
-            used = unlabeled
-        else:
-            target = pseudo
-            used = unlabeled & keep
-        terms = F.cross_entropy(s, target, reduction="none")
-        pl = cfg.weight * (terms * used).sum() / unlabeled.sum().clamp_min(1)
+        pl = self.gated_loss(s, t.detach().argmax(-1), batch.index, unlabeled, ctx.epoch)
         return MethodOutput(ce + pl, {"ce": ce.detach(), "pseudo": pl.detach()}, s)
