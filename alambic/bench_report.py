@@ -51,7 +51,7 @@ class Row:
                      error: str | None) -> "Row":
         if summary is None:
             return cls(setting, method, seed, None, None, None, None, None, status, error)
-        return cls(setting, method, seed, summary["test"]["accuracy"], summary["test"]["ece"],
+        return cls(setting, method, seed, summary["test"]["accuracy"], summary["test"].get("ece"),  # probes: no ECE
                    summary["student"]["params"], summary["student"]["latency_ms"],
                    summary["train"]["wall_time_s"], status, error)
 

@@ -123,6 +123,7 @@ class ProbeCallback(Callback):
         status = getattr(trainer, "status", None)
         if status is not None:
             status["kNN"] = f"{rec['student']['knn_val']:.3f}"
+            status["std"] = f"{rec['student']['feature_std']:.3f}"
             if "teacher" in rec:
                 status["kNN(T)"] = f"{rec['teacher']['knn_val']:.3f}"
 
