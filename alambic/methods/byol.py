@@ -11,6 +11,7 @@ from alambic.methods._ssl import cross_view_plan
 from alambic.methods.base import Method, MethodConfig, MethodOutput
 from alambic.models.heads import EmbeddingNet, MLPHead, feature_path, tap_dim
 from alambic.registry import METHODS
+from alambic.teachers.ema import EmaTeacher
 
 
 class BYOLConfig(MethodConfig):
@@ -18,6 +19,8 @@ class BYOLConfig(MethodConfig):
     hidden: int = Field(256, ge=1, description="hidden width of the projector (paper: 4096)")
     predictor_hidden: int = Field(256, ge=1, description="hidden width of the predictor (paper: 4096)")
     feature: str | None = Field(None, description="tap path of the backbone's representation; None = the zoo default")
+    target_batch_stats: bool = Field(True, description="the EMA target's BatchNorm uses each batch's statistics, as "
+                                                       "BYOL's target network does (False: its running statistics)")
 
 
 @METHODS.register("byol")
@@ -34,6 +37,9 @@ class BYOL(Method):
     Assran et al. 2023, arXiv:2301.08243) is this same loss; the seed paper on JEPA's implicit bias
     (Littwin et al. 2024, arXiv:2407.03475) asks only that the target branch gets no gradient, which a test
     checks. The monitor ``z_std`` is the per-dimension std of the normalised predictions (collapse -> 0).
+    The target normalises its BatchNorm layers with each batch's statistics (``target_batch_stats``, the
+    paper's target network; :class:`~alambic.teachers.ema.EmaTeacher` ``batch_stats``): with its running
+    statistics the target's projections of a batch nearly coincide and the student collapses onto them.
     """
 
     paper = 'Grill et al., "Bootstrap your own latent" (BYOL), 2020, arXiv:2006.07733, Eq. (2)'
@@ -55,6 +61,10 @@ class BYOL(Method):
         cfg = self.config
         path = feature_path(arch, cfg.feature)
         return EmbeddingNet(student, path, MLPHead(tap_dim(student, path, example), cfg.projection_dim, cfg.hidden))
+
+    def setup(self, student, teacher, info) -> None:
+        if self.config.target_batch_stats and isinstance(info.teacher, EmaTeacher):
+            info.teacher.batch_stats = True
 
     def forward(self, student, teacher, batch, ctx) -> MethodOutput:
         preds = {v: self.predictor(student[v].logits) for v in self.student_views}

@@ -163,3 +163,21 @@ def test_bad_schedule_arguments_name_the_culprit():
         EmaTeacher(nn.Linear(2, 2), every=0)
     with pytest.raises(AlambicError, match=r"EmaTeacher: end_momentum must be in \[0, 1\], got 1.5"):
         EmaTeacher(nn.Linear(2, 2), end_momentum=1.5)
+
+
+def test_batch_stats_normalises_with_the_batch_and_writes_no_buffer():
+    """BYOL's target network: BatchNorm on the batch's own statistics, dropout off, running stats untouched."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    teacher = EmaTeacher(student, momentum=0.9, batch_stats=True)
+    before = snapshot(teacher.model)
+    x = torch.randn(8, 3) * 3 + 2
+    out = teacher.outputs(batch_of(x), [INPUT])[INPUT].logits
+    lin, bn, _, head = teacher.model
+    h = lin(x)
+    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn.eps) * bn.weight + bn.bias
+    torch.testing.assert_close(out, head(h))  # batch statistics, and no dropout
+    assert same(before, snapshot(teacher.model))  # running stats and num_batches_tracked untouched
+    assert not teacher.model.training and not bn.training and bn.track_running_stats
+    running = EmaTeacher(student, momentum=0.9).outputs(batch_of(x), [INPUT])[INPUT].logits
+    assert not torch.allclose(running, out)  # the default still reads the running statistics
