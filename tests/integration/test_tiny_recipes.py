@@ -1,8 +1,10 @@
-"""Every registered method trains: each has a tiny recipe that lowers its loss and beats chance."""
+"""Every registered method trains: each has a tiny recipe that lowers its loss and beats chance (self-supervised
+methods: a finite, moving loss and a linear probe of the representation above chance)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,13 @@ def test_tiny_recipe_learns(path, teachers, tmp_path):
     summary = run(load_recipe(data), tmp_path / path.stem, progress=False)
     lines = [json.loads(x) for x in (tmp_path / path.stem / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if r["split"] == "train"]
-    assert len(losses) >= 2 and losses[-1] < losses[0], f"training loss did not go down: {losses}"
     chance = 1 / 10  # digits
-    assert summary["test"]["accuracy"] > 1.5 * chance
+    if METHODS.get(data["method"]["name"]).obj.self_supervised:
+        # no classifier and no labels: a self-distillation loss need not fall (DINO's sharpening target moves),
+        # so it must be finite and move, and the frozen representation must carry the classes (linear probe)
+        assert len(losses) >= 2 and all(map(math.isfinite, losses)), f"training loss is not finite: {losses}"
+        assert losses[-1] != losses[0], f"training loss did not change: {losses}"
+        assert summary["kind"] == "representation"
+    else:
+        assert len(losses) >= 2 and losses[-1] < losses[0], f"training loss did not go down: {losses}"
+    assert summary["test"]["accuracy"] > 1.5 * chance  # self-supervised: the linear probe's test accuracy
