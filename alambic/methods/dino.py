@@ -13,6 +13,7 @@ from alambic.methods._ssl import cross_view_plan, warmup_then_constant
 from alambic.methods.base import Method, MethodConfig, MethodOutput, SetupInfo
 from alambic.models.heads import DINOHead, EmbeddingNet, feature_path, tap_dim
 from alambic.registry import METHODS
+from alambic.teachers.ema import EmaTeacher
 
 TEACHER_TEMPERATURE = "teacher_temperature"
 
@@ -22,6 +23,11 @@ class DINOConfig(MethodConfig):
     hidden: int = Field(256, ge=1, description="hidden width of the head's MLP (paper: 2048)")
     bottleneck: int = Field(64, ge=1, description="width before the L2-normalised prototype layer (paper: 256)")
     head_layers: int = Field(3, ge=1, description="Linear layers of the head's MLP (paper: 3)")
+    head_batchnorm: bool = Field(
+        True, description="BatchNorm after the head's hidden layers (DINO code: use_bn, off for ViTs; see the class doc)")
+    teacher_batch_stats: bool = Field(
+        True, description="the EMA teacher's BatchNorm uses each batch's statistics (DINO's teacher runs in train "
+                          "mode); False: its running statistics")
     feature: str | None = Field(None, description="tap path of the backbone's representation; None = the zoo default")
     student_temperature: float = Field(0.1, gt=0, description="τ_s (paper: 0.1)")
     teacher_temperature: float = Field(0.04, gt=0, description="τ_t after the warm-up (paper: 0.04; 0.07 boosted)")
@@ -42,6 +48,12 @@ class DINO(Method):
     Centering keeps one prototype from taking over, sharpening (τ_t < τ_s) keeps the teacher from going
     uniform; the monitors show both: the teacher's per-sample entropy and the entropy of its batch mean,
     and the loss divided by ln K (near 1: a uniform teacher, collapse).
+
+    Defaults that differ from the ViT paper: BatchNorm in the head (``head_batchnorm``, the code's
+    ``use_bn``) and a teacher whose BatchNorm normalises with each batch's statistics
+    (``teacher_batch_stats``; the official teacher runs in train mode). On digits with a small CNN, every
+    run without both collapsed within 60 steps to a uniform teacher (loss/ln K -> 1.00, kNN below random
+    init); with both, loss/ln K fell to 0.5-0.7 and the linear probe rose from 0.90 to 0.94-0.96.
     """
 
     paper = ('Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (DINO), 2021, '
@@ -61,11 +73,15 @@ class DINO(Method):
 
     def make_head(self, in_dim: int) -> DINOHead:
         cfg = self.config
-        return DINOHead(in_dim, cfg.out_dim, cfg.hidden, cfg.bottleneck, cfg.head_layers)
+        return DINOHead(in_dim, cfg.out_dim, cfg.hidden, cfg.bottleneck, cfg.head_layers, cfg.head_batchnorm)
 
     def wrap_student(self, student, example, arch):
         path = feature_path(arch, self.config.feature)
         return EmbeddingNet(student, path, self.make_head(tap_dim(student, path, example)))
+
+    def setup(self, student, teacher, info) -> None:
+        if self.config.teacher_batch_stats and isinstance(info.teacher, EmaTeacher):
+            info.teacher.batch_stats = True
 
     def schedules(self, info: SetupInfo) -> dict[str, np.ndarray]:
         cfg = self.config

@@ -18,6 +18,7 @@ class SwAVConfig(MethodConfig):
     hidden: int = Field(256, ge=1, description="hidden width of the projection MLP (SwAV: 2048)")
     bottleneck: int = Field(64, ge=1, description="width of the L2-normalised embedding (SwAV: 128)")
     head_layers: int = Field(2, ge=1, description="Linear layers of the projection MLP (SwAV: 2)")
+    head_batchnorm: bool = Field(True, description="BatchNorm after the projection's hidden layer (SwAV: yes)")
     feature: str | None = Field(None, description="tap path of the backbone's representation; None = the zoo default")
     temperature: float = Field(0.1, gt=0, description="τ of the softmax over prototype scores (SwAV, DISCOVR: 0.1)")
     epsilon: float = Field(0.05, gt=0, description="ε of Sinkhorn-Knopp (SwAV: 0.05)")
@@ -54,7 +55,8 @@ class SwAV(Method):
     def wrap_student(self, student, example, arch):
         cfg = self.config
         path = feature_path(arch, cfg.feature)
-        head = DINOHead(tap_dim(student, path, example), cfg.prototypes, cfg.hidden, cfg.bottleneck, cfg.head_layers)
+        head = DINOHead(tap_dim(student, path, example), cfg.prototypes, cfg.hidden, cfg.bottleneck, cfg.head_layers,
+                        cfg.head_batchnorm)
         return EmbeddingNet(student, path, head)
 
     def forward(self, student, teacher, batch, ctx) -> MethodOutput:

@@ -46,11 +46,13 @@ class DINOHead(nn.Module):
 
     Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (DINO), 2021,
     arXiv:2104.14294, §3.1 and App. (projection head: 3 layers, hidden 2048, bottleneck 256, K = 65,536;
-    the last layer's weight norm frozen at 1). Freezing the norm at 1 makes the last layer a cosine
+    the last layer's weight norm frozen at 1; BatchNorm after the hidden layers is the code's ``use_bn``
+    option, the default for its ResNet-50 runs). Freezing the norm at 1 makes the last layer a cosine
     classifier, ``F.linear(z, W / ‖W_k‖)``, which is what is written here.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, bottleneck: int = 64, layers: int = 3):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, bottleneck: int = 64, layers: int = 3,
+                 batchnorm: bool = False):
         super().__init__()
         if layers < 1:
             raise AlambicError(f"DINOHead: layers must be >= 1, got {layers}")
@@ -59,6 +61,8 @@ class DINOHead(nn.Module):
         for i in range(layers):
             mlp.append(nn.Linear(dims[i], dims[i + 1]))
             if i < layers - 1:
+                if batchnorm:
+                    mlp.append(nn.BatchNorm1d(dims[i + 1]))
                 mlp.append(nn.GELU())
         self.mlp = nn.Sequential(*mlp)
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck))
@@ -69,6 +73,9 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 3:  # tokens [B, N, D]: per token (BatchNorm over batch and tokens together)
+            b, n, d = x.shape
+            return self.forward(x.reshape(b * n, d)).reshape(b, n, -1)
         z = F.normalize(self.mlp(x), dim=-1)
         return F.linear(z, F.normalize(self.prototypes, dim=-1))
 
