@@ -52,7 +52,7 @@ from alambic.errors import AlambicError, RecipeError, RunDirError
 from alambic.recipe.load import _deep_copy, apply_override, format_errors, load_recipe, read_yaml
 from alambic.recipe.schema import Recipe, Strict
 from alambic.registry import METHODS
-from alambic.run import SUMMARY, first_difference, is_finished, run
+from alambic.run import SUMMARY, first_difference, is_finished, resolved_again, run
 
 if TYPE_CHECKING:  # the report (matplotlib, scipy) is imported when written, not by every worker process
     from alambic.bench_report import Row
@@ -350,7 +350,7 @@ def _state(run_dir: Path, recipe: Recipe, suite_teacher: bool = False) -> tuple[
     of another recipe (never reused, never overwritten: reported as failed); ("missing", None, None) else."""
     if not is_finished(run_dir):
         return "missing", None, None
-    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    saved = resolved_again(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
     expected = recipe.resolved()
     if suite_teacher and isinstance(saved.get("teacher"), dict) and "run" in saved["teacher"]:
         expected["teacher"] = {**expected["teacher"], "run": saved["teacher"]["run"]}  # the bench dir moved

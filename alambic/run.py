@@ -10,6 +10,7 @@ A run directory holds ``recipe.yaml`` (resolved, every default filled in), ``met
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -254,13 +255,26 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool) -> bool:
             raise RunDirError(
                 f"{out} already holds {state} run: pass --resume to continue it, or choose another --out"
             )
-        diff = first_difference(yaml.safe_load(saved_path.read_text()), recipe.resolved())
+        diff = first_difference(resolved_again(yaml.safe_load(saved_path.read_text())), recipe.resolved())
         if diff is not None:
             raise RunDirError(f"--resume: the recipe differs from {saved_path} at {diff}; start a new run directory")
         return is_finished(out)
     out.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, saved_path)
     return False
+
+
+def resolved_again(saved: Any) -> Any:
+    """A run directory's saved recipe resolved by *this* version's schema, so that an option added since
+    (with its default) does not make an old run look different; as saved if it no longer validates."""
+    from alambic.recipe.load import validate
+
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return validate(copy.deepcopy(saved), files=False).resolved()
+    except AlambicError:
+        return saved
 
 
 def first_difference(a: Any, b: Any, path: str = "") -> str | None:

@@ -74,7 +74,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def validate(data: dict[str, Any]) -> Recipe:
+def validate(data: dict[str, Any], files: bool = True) -> Recipe:
+    """The typed recipe, or a RecipeError listing every problem by key path. ``files=False`` skips the
+    checks that teacher runs and weight files exist (comparing a saved recipe whose teacher has moved)."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -87,7 +89,7 @@ def validate(data: dict[str, Any]) -> Recipe:
             _bind(spec.model, MODELS, f"{path}.model", "arch", problems)
     _bind(recipe.method, METHODS, "method", "name", problems)
     if not problems:
-        problems += _cross_checks(recipe)
+        problems += _cross_checks(recipe, files)
     if problems:
         raise RecipeError("\n".join(problems))
     return recipe
@@ -118,16 +120,19 @@ def model_spec(data: dict[str, Any], path: str) -> ModelSpec:
     return spec
 
 
-def _cross_checks(recipe: Recipe) -> list[str]:
+def _cross_checks(recipe: Recipe, files: bool = True) -> list[str]:
     from alambic.methods.base import Method
 
     problems = []
     method_cls: type[Method] = METHODS.get(recipe.method.name).obj
     if method_cls.needs_teacher and not recipe.teacher_specs():
         problems.append(f"method.name: '{recipe.method.name}' needs a teacher, but the recipe has no teacher section")
-    for path, teacher in _teacher_paths(recipe):
+    for path, teacher in _teacher_paths(recipe) if files else []:
         if teacher.run is not None and not (teacher.run / "student.json").is_file():
             problems.append(f"{path}.run: {teacher.run} is not a finished alambic run (no student.json)")
+        if teacher.transfer is not None and not (teacher.transfer.run / "student.json").is_file():
+            problems.append(f"{path}.transfer.run: {teacher.transfer.run} is not a finished alambic run "
+                            f"(no student.json)")
         if teacher.weights is not None and not teacher.weights.is_file():
             problems.append(f"{path}.weights: file not found: {teacher.weights}")
     return problems

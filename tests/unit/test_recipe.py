@@ -122,3 +122,20 @@ def test_every_recipe_in_the_repository_validates():
             load_recipe(data)
         except Exception as exc:
             raise AssertionError(f"{path}: {exc}") from None
+
+
+def test_a_run_saved_before_an_option_existed_still_matches_its_recipe():
+    """--resume and alambic bench compare a run's saved recipe with the current one: an option added
+    since, at its default, must not make the old run look like another recipe; a real change must."""
+    from alambic.recipe.load import validate
+    from alambic.run import first_difference, resolved_again
+
+    with pytest.raises(RecipeError, match="not a finished alambic run"):
+        validate({"method": {"name": "kd"}, "teacher": {"run": "runs/t"}})
+    current = validate({"method": {"name": "kd"}, "teacher": {"run": "runs/t"}}, files=False).resolved()
+    saved = {k: v for k, v in current.items()}
+    saved["eval"] = {k: v for k, v in current["eval"].items() if k != "probe_every"}  # written by an older alambic
+    assert first_difference(saved, current) == "eval.probe_every"
+    assert first_difference(resolved_again(saved), current) is None
+    saved["train"] = {**current["train"], "lr": 0.5}
+    assert first_difference(resolved_again(saved), current).startswith("train.lr")
