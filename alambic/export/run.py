@@ -1,4 +1,8 @@
-"""``alambic export RUN_DIR``: the finished student of a run, as ONNX (checked) or safetensors."""
+"""``alambic export RUN_DIR``: the finished student of a run, as ONNX (checked) or safetensors.
+
+The student of a self-supervised run (``student.json`` names its ``features``) is exported as its
+representation: the ONNX graph maps inputs to the embedding the probes read, not to the untrained logits.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,10 @@ from alambic.run import load_student
 def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     model, meta = load_student(run_dir)
+    if meta.get("features"):  # a self-supervised run: what it learned is the representation, not logits
+        from alambic.models.heads import Representation
+
+        model = Representation(model, meta["features"]).eval()
     if fmt == "safetensors":
         from alambic.export.weights import export_safetensors
 

@@ -165,3 +165,18 @@ def tap_dim(module: nn.Module, path: str, example: Tensor) -> int:
         return int(out.shape[-1]) if out.ndim == 3 else int(out.flatten(1).shape[1])
     finally:
         module.train(was)
+
+
+class Representation(nn.Module):
+    """A network's representation as its output: ``forward(x)`` = the flattened output of the submodule at
+    ``feature`` (what a self-supervised run deploys and exports: its classifier, if any, was never trained)."""
+
+    def __init__(self, model: nn.Module, feature: str):
+        super().__init__()
+        resolve_module(model, feature)
+        self.model, self.feature = model, feature
+
+    def forward(self, x: Tensor) -> Tensor:
+        with Taps(self.model, [self.feature]) as taps:
+            self.model(x)
+            return taps[self.feature].flatten(1)

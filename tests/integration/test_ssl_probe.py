@@ -83,3 +83,22 @@ def test_cli_report_of_a_representation_run_lists_the_probes_and_baselines(finis
         assert row in text, row
     assert "run `alambic probe RUN_DIR --baselines`" not in text  # the baselines are there now
     assert (finished_ssl_run / "plots" / "probe_curves.png").stat().st_size > 1000
+
+
+def test_export_of_a_self_supervised_run_is_its_representation(finished_ssl_run, tmp_path):
+    """The ONNX graph maps inputs to the embedding the probes read (the classifier was never trained)."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    import torch
+
+    from alambic.eval.probes import extract_features
+    from alambic.export.run import export_run
+    from alambic.run import load_student
+
+    path = export_run(finished_ssl_run, "onnx", tmp_path / "ssl.onnx")
+    model, meta = load_student(finished_ssl_run)
+    x = torch.rand(5, *meta["input_shape"], generator=torch.Generator().manual_seed(1))
+    got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    expected = extract_features(model, x, meta["features"])
+    assert got.shape == tuple(expected.shape) and got.shape[1] != meta["num_classes"]
+    assert torch.allclose(torch.from_numpy(got), expected, atol=1e-5)
