@@ -177,3 +177,22 @@ def test_every_steps_per_epoch_transfers_only_at_epoch_ends(monkeypatch):
     moved = [s for s in range(1, len(history)) if any(not torch.equal(history[s - 1][k], history[s][k]) for k in history[s])]
     assert moved == [4, 8, 12, 16]  # the fifth (last) epoch end has m = 1: called, but a no-op
     assert calls == list(momentum_schedule(epochs, 0.91, 1.0)) and calls[0] == 0.91 and calls[-1] == 1.0
+
+
+def test_recipe_transfer_teacher_pulls_the_student_onto_the_source_run(tmp_path):
+    """`teacher: {transfer: {run: DIR}}` from a recipe: with momentum 0 at every epoch end the student ends
+    equal to the source run's weights; skipped parameters keep what training made of them."""
+    from safetensors.torch import load_file
+
+    from alambic.recipe import load_recipe
+    from alambic.run import run
+    from tests.conftest import tiny_recipe
+
+    source = tmp_path / "source"
+    run(load_recipe(tiny_recipe(seed=1)), source, progress=False)
+    out = tmp_path / "pulled"
+    run(load_recipe(tiny_recipe(teacher={"transfer": {"run": str(source), "momentum": 0.0, "end_momentum": 0.0,
+                                                       "skip": ["head.*"]}})), out, progress=False)
+    src, got = load_file(str(source / "student.safetensors")), load_file(str(out / "student.safetensors"))
+    assert torch.equal(got["body.fc0.weight"], src["body.fc0.weight"])
+    assert not torch.equal(got["head.weight"], src["head.weight"])
