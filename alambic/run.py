@@ -121,6 +121,8 @@ def run(
         "resumed_from_step": fit.resumed_from, "train_samples": len(train),
         "labeled_train_samples": 0 if ssl else int(train.labeled.sum()),
     }
+    if recipe.views is not None:  # the view plan: which views each side saw
+        fit_info["views"] = {"student": list(method.student_views), "teacher": list(method.teacher_views)}
     if ssl:
         return finish_representation(out, recipe, data, student, feature, teacher, fit_info,
                                      warnings=watch.warnings if watch is not None else [])

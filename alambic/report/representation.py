@@ -78,7 +78,9 @@ def render_representation_report(run_dir: Path, summary: dict[str, Any], records
         f"- method: `{summary['method']}` (self-supervised: no label reached training)",
         f"- seed: {summary.get('seed')}",
         f"- representation: tap `{summary.get('feature')}` of the student backbone (the projection head is dropped)",
-        f"- training: {train.get('steps')} steps, {train.get('epochs')} epochs, {train.get('wall_time_s')} s", "",
+        f"- training: {train.get('steps')} steps, {train.get('epochs')} epochs, {train.get('wall_time_s')} s",
+        *([f"- views: student {', '.join(train['views']['student'])}; teacher {', '.join(train['views']['teacher'])}"]
+          if train.get("views") else []), "",
         "## Probes", "",
         "kNN: cosine, weighted votes exp(sim/T) (Wu et al. 2018, arXiv:1805.01978); linear: logistic regression "
         "on standardised features, C chosen on the validation split. Both fit on the labelled training samples.", "",
