@@ -125,7 +125,8 @@ def run(
         fit_info["views"] = {"student": list(method.student_views), "teacher": list(method.teacher_views)}
     if ssl:
         return finish_representation(out, recipe, data, student, feature, teacher, fit_info,
-                                     warnings=watch.warnings if watch is not None else [])
+                                     warnings=watch.warnings if watch is not None else [],
+                                     teacher_feature=getattr(method.config, "teacher_feature", None))
     method.tune_on_validation(student, data.val.x, data.val.y)
     return finish(out, recipe, data, method.deploy(student), teacher, method, fit_info=fit_info)
 
@@ -142,7 +143,7 @@ def representation_path(net: nn.Module, method: Method, recipe: Recipe) -> str |
 
 def finish_representation(out: Path, recipe: Recipe, data: DataBundle, student: nn.Module, feature: str,
                           teacher: Teacher | None, fit_info: dict[str, Any],
-                          warnings: Sequence[str] = ()) -> dict[str, Any]:
+                          warnings: Sequence[str] = (), teacher_feature: str | None = None) -> dict[str, Any]:
     """Probe a self-supervised student's representation on val and test; write it, the summary and the report.
 
     ``summary.test.accuracy`` is the linear probe's test accuracy (the usual headline of self-supervised
@@ -170,6 +171,10 @@ def finish_representation(out: Path, recipe: Recipe, data: DataBundle, student: 
         t = probe_model(teacher.model.backbone, feature, data, k=ev.knn_k, temperature=ev.knn_temperature)
         summary["teacher"] = {"kind": "ema", "test": {"accuracy": t["linear_test"], "knn_accuracy": t["knn_test"]},
                               "probe": t}
+    elif isinstance(teacher, FrozenTeacher) and teacher_feature is not None:  # SEED's frozen encoder
+        t = probe_model(teacher.model, teacher_feature, data, k=ev.knn_k, temperature=ev.knn_temperature)
+        summary["teacher"] = {"kind": "frozen", "feature": teacher_feature, "params": parameter_count(teacher.model),
+                              "test": {"accuracy": t["linear_test"], "knn_accuracy": t["knn_test"]}, "probe": t}
     meta = {"arch": recipe.student.resolved(), "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "class_names": data.class_names, "features": feature}
     export_safetensors(student, out / STUDENT_WEIGHTS, metadata={"alambic": json.dumps(meta)})

@@ -37,7 +37,8 @@ def _print_representation(summary: dict[str, Any], run_dir: Path, console: Conso
         table.add_column(col, justify="right" if col != "model" else "left")
     rows = [("student", summary.get("probe") or {}, summary["student"].get("params"))]
     if summary.get("teacher"):
-        rows.append(("EMA teacher", summary["teacher"].get("probe") or {}, None))
+        t = summary["teacher"]
+        rows.append(("EMA teacher" if t.get("kind") == "ema" else "teacher", t.get("probe") or {}, t.get("params")))
     for name, p, params in rows:
         table.add_row(name, _fmt(p.get("knn_test")), _fmt(p.get("linear_test")), _fmt(p.get("feature_std")),
                       _fmt(params, "{:,}"))

@@ -60,7 +60,8 @@ def render_representation_report(run_dir: Path, summary: dict[str, Any], records
     curves = plot_probe_curves(records, run_dir / "plots" / "probe_curves.png")
     rows = [("student (final)", summary.get("probe") or {})]
     if summary.get("teacher") and summary["teacher"].get("probe"):
-        rows.append(("EMA teacher (final)", summary["teacher"]["probe"]))
+        kind = "EMA teacher (final)" if summary["teacher"].get("kind") == "ema" else "frozen teacher"
+        rows.append((kind, summary["teacher"]["probe"]))
     first = next((r for r in records if r.get("split") == "probe" and r.get("step") == 0), None)
     baselines = json.loads((run_dir / PROBE_JSON).read_text()) if (run_dir / PROBE_JSON).is_file() else {}
     for key, label in (("random_init", "same network, random init"), ("pixels", "raw pixels")):
