@@ -50,6 +50,14 @@ def cross_view_plan(names: Sequence[str], method: str, masked: bool = False) -> 
     return tuple(globals_) + tuple(others), tuple(globals_)
 
 
+def one_view(names: Sequence[str], configured: str | None, method: str) -> str:
+    """The single view a method trains on: ``configured``, else the first augmented view, else the input."""
+    view = configured or next((n for n in names if n != INPUT and not n.startswith(("masked_", "teacher_"))), INPUT)
+    if view not in names:
+        raise AlambicError(f"{method}: view '{view}' is not produced by the data (views: {list(names)})")
+    return view
+
+
 def warmup_then_constant(total_steps: int, steps_per_epoch: int, start: float, end: float,
                          warmup_epochs: float) -> np.ndarray:
     """Per-step values: linear from ``start`` to ``end`` over ``warmup_epochs``, then ``end``.

@@ -9,6 +9,7 @@ from torch import nn
 
 from alambic.data.batch import INPUT
 from alambic.errors import AlambicError
+from alambic.methods._ssl import one_view
 from alambic.methods.base import MethodOutput
 from alambic.methods.kmeans_pseudo import kmeans_labels
 from alambic.methods.pseudo_label import LossGate, LossGateConfig
@@ -58,11 +59,7 @@ class ClusterGate(LossGate):
         self._feature: str | None = self.config.feature
 
     def use_views(self, names) -> None:
-        view = self.config.view or next((n for n in names if n != INPUT and not n.startswith(("masked_", "teacher_"))),
-                                        INPUT)
-        if view not in names:
-            raise AlambicError(f"cluster_gate: view '{view}' is not produced by the data (views: {list(names)})")
-        self.student_views, self.teacher_views = (view,), (INPUT,)
+        self.student_views, self.teacher_views = (one_view(names, self.config.view, "cluster_gate"),), (INPUT,)
 
     def wrap_student(self, student, example, arch):
         self._feature = feature_path(arch, self.config.feature)

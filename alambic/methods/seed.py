@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from alambic.data.batch import INPUT
-from alambic.errors import AlambicError
 from alambic.losses import seed_loss
+from alambic.methods._ssl import one_view
 from alambic.methods.base import Method, MethodConfig, MethodOutput
 from alambic.models.heads import MLPHead, feature_path
 from alambic.registry import METHODS
@@ -53,11 +52,7 @@ class SEED(Method):
         self._feature: str | None = self.config.feature
 
     def use_views(self, names) -> None:
-        view = self.config.view or next((n for n in names if n != INPUT and not n.startswith(("masked_", "teacher_"))),
-                                        INPUT)
-        if view not in names:
-            raise AlambicError(f"seed: view '{view}' is not produced by the data (views: {list(names)})")
-        self.student_views = self.teacher_views = (view,)
+        self.student_views = self.teacher_views = (one_view(names, self.config.view, "seed"),)
 
     def wrap_student(self, student, example, arch):
         self._feature = feature_path(arch, self.config.feature)
