@@ -19,6 +19,9 @@ relative to the suite file.
 
 A suite ``teacher`` recipe is trained once into ``OUT/teacher``; every cell whose method needs a teacher
 and whose overrides bring none gets ``teacher.run`` pointing at it (the base's own teacher is dropped).
+More teachers are named under ``teachers: {vit: RECIPE-OR-RUN-DIR}``, trained once into
+``OUT/teachers/<name>``; a cell points at one with ``teacher: {run: "@vit"}`` (or inside ``teachers: [...]``,
+where ``"@teacher"`` is the suite's main teacher): a ViT student's own teacher, a second ensemble member.
 Cells whose method needs no teacher (``ce``) train alone, so their wall time is their own.
 
 Cells run :func:`alambic.run.run` into ``OUT/runs/<setting>/<method>/seed<k>``, in-process or (``workers``
@@ -69,6 +72,8 @@ class Suite(Strict):
     name: str
     base: dict[str, Any] | str = Field(default_factory=dict)
     teacher: dict[str, Any] | str | None = None
+    teachers: dict[str, dict[str, Any] | str] = Field(
+        default_factory=dict, description="more teachers by name; a cell refers to one as teacher.run: '@name'")
     methods: dict[str, dict[str, Any] | list[str]] = Field(min_length=1)
     settings: dict[str, dict[str, Any] | list[str]] = Field(default_factory=lambda: {"default": {}}, min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
@@ -80,6 +85,16 @@ class Suite(Strict):
         if value is None or isinstance(value, (dict, str, Path)):
             return str(value) if isinstance(value, Path) else value
         raise ValueError(f"must be a recipe (a mapping) or a path, got {value!r}")
+
+    @field_validator("teachers", mode="before")
+    @classmethod
+    def _named_teachers(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for label in value:
+                if not isinstance(label, str) or not _LABEL.fullmatch(label) or label == "teacher":
+                    raise ValueError(f"teacher name {label!r} must be a plain name other than 'teacher': "
+                                     "it names a directory")
+        return value
 
     @field_validator("methods", "settings", mode="before")
     @classmethod
@@ -130,6 +145,7 @@ class Plan:
     out: Path
     teacher_recipe: Recipe | None = None  # trained into out/teacher
     teacher_dir: Path | None = None
+    named: dict[str, tuple[Recipe | None, Path]] = field(default_factory=dict)  # suite.teachers: (recipe, dir)
     cells: list[Cell] = field(default_factory=list)
 
 
@@ -161,6 +177,15 @@ def load_suite(source: str | Path | dict[str, Any]) -> tuple[Suite, Path]:
             suite.teacher = str(where)
         else:
             suite.teacher = _read_recipe(where, "teacher")
+    for name, spec in list(suite.teachers.items()):
+        if isinstance(spec, str):
+            where = (root / spec).resolve()
+            if where.is_dir():
+                if not (where / "student.json").is_file():
+                    raise RecipeError(f"teachers.{name}: {where} is not a finished alambic run (no student.json)")
+                suite.teachers[name] = str(where)
+            else:
+                suite.teachers[name] = _read_recipe(where, f"teachers.{name}")
     return suite, root
 
 
@@ -184,9 +209,26 @@ def plan(suite: Suite, out: Path, *, teacher_ready: bool) -> Plan:
     stand_in = None
     if p.teacher_recipe is not None and not teacher_ready:
         stand_in = {"model": p.teacher_recipe.resolved()["student"]}
+    named: dict[str, dict[str, Any]] = {}  # "@name" -> the teacher section a cell gets
+    if p.teacher_dir is not None:
+        named["teacher"] = stand_in or {"run": str(p.teacher_dir)}
+    for name, spec in suite.teachers.items():
+        if isinstance(spec, dict):
+            recipe = _validated(spec, f"teachers.{name}")
+            p.named[name] = (recipe, out / "teachers" / name)
+            ready = teacher_ready and is_finished(out / "teachers" / name)
+            named[name] = {"run": str(out / "teachers" / name)} if ready else {"model": recipe.resolved()["student"]}
+        else:
+            p.named[name] = (None, Path(spec))
+            named[name] = {"run": spec}
     problems: dict[str, set[tuple[str, str]]] = {}
     for setting, method, seed in grid(suite):
         data, injected = cell_data(suite, method, setting, seed, p.teacher_dir, stand_in)
+        try:
+            _refer_to_teachers(data, named)
+        except RecipeError as exc:
+            problems.setdefault(str(exc), set()).add((method, setting))
+            continue
         try:
             recipe = load_recipe(data)
         except RecipeError as exc:
@@ -228,6 +270,23 @@ def cell_data(suite: Suite, method: str, setting: str, seed: int, teacher_dir: P
     if inject:
         data["teacher"] = stand_in if stand_in is not None else {"run": str(teacher_dir)}
     return data, inject
+
+
+def _refer_to_teachers(data: dict[str, Any], named: dict[str, dict[str, Any]]) -> None:
+    """Replace each teacher section ``{run: "@name"}`` of a cell by the suite teacher it names."""
+    def resolve(spec: Any, where: str) -> Any:
+        if isinstance(spec, dict) and isinstance(spec.get("run"), str) and spec["run"].startswith("@"):
+            name = spec["run"][1:]
+            if name not in named:
+                raise RecipeError(f"{where}.run: no suite teacher named '{name}' (named: "
+                                  f"{', '.join('@' + n for n in named) or 'none'})")
+            return {**{k: v for k, v in spec.items() if k != "run"}, **named[name]}
+        return spec
+
+    if "teacher" in data:
+        data["teacher"] = resolve(data["teacher"], "teacher")
+    if isinstance(data.get("teachers"), list):
+        data["teachers"] = [resolve(t, f"teachers.{i}") for i, t in enumerate(data["teachers"])]
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str], label: str) -> None:
@@ -307,12 +366,24 @@ def bench(suite: str | Path | dict[str, Any], out: str | Path, *, workers: int |
     if not report_only:
         out.mkdir(parents=True, exist_ok=True)
         (out / SUITE_FILE).write_text(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
+        trained = False
         if p.teacher_recipe is not None and _state(p.teacher_dir, p.teacher_recipe)[0] != "ok":
             console.print(f"[bold]{loaded.name}[/]: training the suite's teacher -> {p.teacher_dir}")
             run(p.teacher_recipe, p.teacher_dir, resume=True, progress=progress)
+            trained = True
+        for name, (recipe, where) in p.named.items():
+            if recipe is not None and _state(where, recipe)[0] != "ok":
+                console.print(f"[bold]{loaded.name}[/]: training teacher '{name}' -> {where}")
+                run(recipe, where, resume=True, progress=progress)
+                trained = True
+        if trained:
             p = plan(loaded, out, teacher_ready=True)
-    elif p.teacher_recipe is not None and _state(p.teacher_dir, p.teacher_recipe)[0] != "ok":
-        raise RunDirError(f"{p.teacher_dir}: the suite's teacher has not finished: nothing to report")
+    else:
+        if p.teacher_recipe is not None and _state(p.teacher_dir, p.teacher_recipe)[0] != "ok":
+            raise RunDirError(f"{p.teacher_dir}: the suite's teacher has not finished: nothing to report")
+        unfinished = [n for n, (r, w) in p.named.items() if r is not None and not is_finished(w)]
+        if unfinished:
+            raise RunDirError(f"{out}: suite teacher(s) {unfinished} have not finished: nothing to report")
     failures = _read_failures(out)
     states = {c.key: _state(c.dir, c.recipe, c.suite_teacher) for c in p.cells}
     rows = {c.key: _row(c, *states[c.key], failures.get(c.key)) for c in p.cells}
@@ -342,7 +413,10 @@ def baseline(p: Plan) -> str | None:
 
 
 def _teacher_ready(suite: Suite, out: Path) -> bool:
-    return not isinstance(suite.teacher, dict) or is_finished(Path(out).resolve() / "teacher")
+    """Every teacher the bench trains itself has finished (so cells can point at the real runs)."""
+    root = Path(out).resolve()
+    named = all(is_finished(root / "teachers" / n) for n, spec in suite.teachers.items() if isinstance(spec, dict))
+    return named and (not isinstance(suite.teacher, dict) or is_finished(root / "teacher"))
 
 
 def _state(run_dir: Path, recipe: Recipe, suite_teacher: bool = False) -> tuple[str, dict[str, Any] | None, str | None]:

@@ -186,3 +186,30 @@ def test_a_bad_suite_exits_2_naming_the_key_before_anything_trains(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_named_suite_teachers_are_trained_once_and_cells_point_at_them(tmp_path):
+    """`teachers: {wide: ...}` is trained into OUT/teachers/wide; `{run: "@wide"}` and "@teacher" resolve to
+    the runs; an unknown name fails before anything trains; a second bench trains nothing again."""
+    small = {"data": {"name": "digits"}, "student": {"arch": "mlp", "hidden": [8]}, "train": TRAIN,
+             "eval": {"latency_repeats": 2}}
+    suite = {**SUITE, "teacher": small, "settings": {"full": {}}, "seeds": 1,
+             "teachers": {"wide": {**small, "student": {"arch": "mlp", "hidden": [24]}}},
+             "methods": {"kd_wide": {"method": {"name": "kd"}, "teacher": {"run": "@wide"}},
+                         "pair": {"method": {"name": "multi_teacher"},
+                                  "teachers": [{"run": "@teacher"}, {"run": "@wide"}]}}}
+    bad = {**suite, "methods": {"x": {"method": {"name": "kd"}, "teacher": {"run": "@nope"}}}}
+    with pytest.raises(Exception, match="no suite teacher named 'nope'"):
+        bench(bad, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad" / "teacher").exists()
+    out = tmp_path / "out"
+    rows = bench(suite, out, progress=False)
+    assert all(r.status == "ok" for r in rows), rows
+    wide, main_teacher = (out / "teachers" / "wide").resolve(), (out / "teacher").resolve()
+    kd = yaml.safe_load((out / "runs" / "full" / "kd_wide" / "seed0" / "recipe.yaml").read_text())
+    assert kd["teacher"] == {"run": str(wide)}
+    pair = yaml.safe_load((out / "runs" / "full" / "pair" / "seed0" / "recipe.yaml").read_text())
+    assert pair["teachers"] == [{"run": str(main_teacher)}, {"run": str(wide)}]
+    stamp = (wide / "summary.json").stat().st_mtime_ns
+    bench(suite, out, progress=False)
+    assert (wide / "summary.json").stat().st_mtime_ns == stamp
