@@ -366,12 +366,15 @@ def plot_curves(data: dict[str, dict[str, tuple[list[int], list[float]]]], rows:
         return
     fig = Figure(figsize=(5.2 * len(data), 4.2), layout="constrained")
     axes = fig.subplots(1, len(data), squeeze=False)[0]
+    names = list(dict.fromkeys(m for methods in data.values() for m in methods))
+    palette = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+    color = {m: palette[i % len(palette)] for i, m in enumerate(names)}  # one colour per method in every panel
     for ax, (name, methods) in zip(axes, data.items()):
         for method, (steps, acc) in methods.items():
-            ax.plot(steps, [100 * a for a in acc], marker="o", markersize=3, label=method)
+            ax.plot(steps, [100 * a for a in acc], marker="o", markersize=3, label=method, color=color[method])
         pix = next((r["pixels_knn_val"] for r in rows if r["data"] == name), None)
         if pix is not None:
-            ax.axhline(100 * pix, color="black", linestyle="--", linewidth=1, label="raw pixels")
+            ax.axhline(100 * pix, color="black", linestyle="--", linewidth=1, label="raw pixels (val)")
         ax.set_title(f"{name}: online kNN (val), mean over seeds")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("kNN accuracy (%)")
