@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,21 @@ def pixel_baseline(data: DataBundle, *, k: int = 20, temperature: float = 0.07, 
     return probe_features((flat(xtr), ytr), (flat(data.val.x), data.val.y),
                           (flat(data.test.x), data.test.y) if test else None,
                           data.num_classes, k=k, temperature=temperature)
+
+
+def cached_pixel_baseline(data: DataBundle, *, k: int = 20, temperature: float = 0.07) -> dict[str, Any]:
+    """:func:`pixel_baseline`, kept under ``$ALAMBIC_CACHE/probes`` (default ``~/.cache/alambic``) by the
+    data's fingerprint, k and T: it depends on nothing else, and on large data it takes minutes."""
+    root = Path(os.environ.get("ALAMBIC_CACHE") or Path.home() / ".cache" / "alambic") / "probes"
+    path = root / f"pixels-{data.fingerprint}-k{k}-t{temperature:g}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = pixel_baseline(data, k=k, temperature=temperature)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -169,9 +185,10 @@ def probe_run(run_dir: str | Path, *, k: int = 20, temperature: float = 0.07, fe
     """``alambic probe RUN_DIR``: probe the finished student of a run (and, if asked, the baselines).
 
     The data are rebuilt from the run's recipe (the same split); the feature path is the one the run
-    recorded (``student.json: features``), ``feature`` overrides it. With ``baselines`` the same probes run
-    on the raw pixels and on the same architecture at the run's seed before training. The result is
-    written to ``RUN_DIR/probe.json``.
+    recorded (``student.json: features``), ``feature`` overrides it. The student's probe is read from the
+    run's summary when it was made with the same feature, k and T. With ``baselines`` the same probes run
+    on the raw pixels (cached by data fingerprint: :func:`cached_pixel_baseline`) and on the same
+    architecture at the run's seed before training. The result is written to ``RUN_DIR/probe.json``.
     """
     from alambic.data.splits import build_data
     from alambic.models.heads import DEFAULT_FEATURES
@@ -189,10 +206,14 @@ def probe_run(run_dir: str | Path, *, k: int = 20, temperature: float = 0.07, fe
     if path is None:
         raise AlambicError(f"probe: no default representation for model '{recipe.student.arch}': pass --feature")
     data = build_data(recipe.data)
-    out: dict[str, Any] = {"feature": path, "k": k, "temperature": temperature,
-                           "student": probe_model(model, path, data, k=k, temperature=temperature)}
+    summary_path = run_dir / "summary.json"
+    saved = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    same = (saved.get("feature") == path and saved.get("probe", {}).get("linear_test") is not None
+            and recipe.eval.knn_k == k and recipe.eval.knn_temperature == temperature)
+    student = saved["probe"] if same else probe_model(model, path, data, k=k, temperature=temperature)
+    out: dict[str, Any] = {"feature": path, "k": k, "temperature": temperature, "student": student}
     if baselines:
-        out["pixels"] = pixel_baseline(data, k=k, temperature=temperature)
+        out["pixels"] = cached_pixel_baseline(data, k=k, temperature=temperature)
         seed_everything(recipe.seed)
         init = build_model(recipe.student, data.input_shape, data.num_classes)
         out["random_init"] = probe_model(init, path, data, k=k, temperature=temperature)

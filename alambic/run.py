@@ -147,20 +147,23 @@ def finish_representation(out: Path, recipe: Recipe, data: DataBundle, student: 
     """Probe a self-supervised student's representation on val and test; write it, the summary and the report.
 
     ``summary.test.accuracy`` is the linear probe's test accuracy (the usual headline of self-supervised
-    evaluation), beside ``knn_accuracy``; the deployed student is the backbone without its projection
+    evaluation; the kNN's with ``eval.linear_probe: false``), beside ``knn_accuracy``; the deployed student is the backbone without its projection
     head, with ``features`` (the tap path of its representation) in ``student.json``.
     """
     from alambic.report import render_report
 
     ev = recipe.eval
     threads = recipe.train.threads or 1
-    probe = probe_model(student, feature, data, k=ev.knn_k, temperature=ev.knn_temperature, batch_size=ev.batch_size)
+    probe = probe_model(student, feature, data, k=ev.knn_k, temperature=ev.knn_temperature, batch_size=ev.batch_size,
+                        linear=ev.linear_probe)
+    probe.setdefault("linear_test", None)
+    probe.setdefault("linear_val", None)
+    headline = probe["linear_test"] if ev.linear_probe else probe["knn_test"]
     summary: dict[str, Any] = {
         "name": recipe.name, "method": recipe.method.name, "seed": recipe.seed, "data": recipe.data.name,
         "data_fingerprint": data.fingerprint, "kind": "representation", "feature": feature,
-        "test": {"accuracy": probe["linear_test"], "knn_accuracy": probe["knn_test"],
-                 "linear_accuracy": probe["linear_test"]},
-        "val": {"accuracy": probe["linear_val"], "knn_accuracy": probe["knn_val"]},
+        "test": {"accuracy": headline, "knn_accuracy": probe["knn_test"], "linear_accuracy": probe["linear_test"]},
+        "val": {"accuracy": probe["linear_val"] if ev.linear_probe else probe["knn_val"], "knn_accuracy": probe["knn_val"]},
         "probe": probe,
         "student": {"params": parameter_count(student), "size_bytes": size_on_disk(student),
                     "latency_ms": cpu_latency_ms(student, data.test.x[:1], batch_size=ev.latency_batch_size,
@@ -168,13 +171,17 @@ def finish_representation(out: Path, recipe: Recipe, data: DataBundle, student: 
         "teacher": None, "train": fit_info, "warnings": list(warnings),
     }
     if isinstance(teacher, EmaTeacher):
-        t = probe_model(teacher.model.backbone, feature, data, k=ev.knn_k, temperature=ev.knn_temperature)
-        summary["teacher"] = {"kind": "ema", "test": {"accuracy": t["linear_test"], "knn_accuracy": t["knn_test"]},
+        t = probe_model(teacher.model.backbone, feature, data, k=ev.knn_k, temperature=ev.knn_temperature,
+                        linear=ev.linear_probe)
+        summary["teacher"] = {"kind": "ema", "test": {"accuracy": t.get("linear_test", t["knn_test"]),
+                                                      "knn_accuracy": t["knn_test"]},
                               "probe": t}
     elif isinstance(teacher, FrozenTeacher) and teacher_feature is not None:  # SEED's frozen encoder
-        t = probe_model(teacher.model, teacher_feature, data, k=ev.knn_k, temperature=ev.knn_temperature)
+        t = probe_model(teacher.model, teacher_feature, data, k=ev.knn_k, temperature=ev.knn_temperature,
+                        linear=ev.linear_probe)
         summary["teacher"] = {"kind": "frozen", "feature": teacher_feature, "params": parameter_count(teacher.model),
-                              "test": {"accuracy": t["linear_test"], "knn_accuracy": t["knn_test"]}, "probe": t}
+                              "test": {"accuracy": t.get("linear_test", t["knn_test"]), "knn_accuracy": t["knn_test"]},
+                              "probe": t}
     meta = {"arch": recipe.student.resolved(), "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "class_names": data.class_names, "features": feature}
     export_safetensors(student, out / STUDENT_WEIGHTS, metadata={"alambic": json.dumps(meta)})

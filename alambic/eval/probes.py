@@ -218,8 +218,11 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, val_features: Ten
     if len(np.unique(y_train)) < 2:
         raise AlambicError("linear_probe: the training split holds a single class; nothing to fit")
 
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
+
     best = None
-    with warnings.catch_warnings():
+    # BLAS threads as many as torch's (train.threads): a probe must not grab every core of a shared machine
+    with warnings.catch_warnings(), threadpool_limits(limits=torch.get_num_threads()):
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c in grid:
             clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, random_state=seed)

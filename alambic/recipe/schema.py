@@ -166,6 +166,8 @@ class EvalSpec(Strict):
     knn_k: int = Field(20, ge=1, description="neighbours of the kNN probe (DINO: 20)")
     knn_temperature: float = Field(0.07, gt=0, description="temperature of the kNN probe's vote weights (DINO: 0.07)")
     probe_train_samples: int = Field(5000, ge=1, description="labelled training samples the online probes use")
+    linear_probe: bool = Field(True, description="fit the final linear probe of a self-supervised run (minutes on "
+                                                 "large data); False: kNN only")
 
 
 class Recipe(Strict):

@@ -102,3 +102,30 @@ def test_export_of_a_self_supervised_run_is_its_representation(finished_ssl_run,
     expected = extract_features(model, x, meta["features"])
     assert got.shape == tuple(expected.shape) and got.shape[1] != meta["num_classes"]
     assert torch.allclose(torch.from_numpy(got), expected, atol=1e-5)
+
+
+def test_knn_only_runs_skip_the_linear_probe_and_probe_reuses_the_summary(tmp_path, monkeypatch):
+    """`eval.linear_probe: false` makes the kNN the headline; `alambic probe` reads the student's probe from
+    the summary when feature, k and T match instead of probing it again, and caches the pixel baseline."""
+    import alambic.probe
+
+    monkeypatch.setenv("ALAMBIC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "knn-only"
+    recipe = byol_recipe(channels=(4, 8), steps=4)
+    recipe.eval.linear_probe = False
+    summary = run(recipe, out, progress=False)
+    assert summary["test"]["accuracy"] == summary["test"]["knn_accuracy"] and summary["test"]["linear_accuracy"] is None
+
+    full = tmp_path / "full"
+    summary = run(byol_recipe(channels=(4, 8), steps=4), full, progress=False)
+    first = probe_run(full, baselines=True)
+    assert list((tmp_path / "cache" / "probes").glob("pixels-*.json"))
+
+    def no_probing(*args, **kwargs):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(alambic.probe, "pixel_baseline", no_probing)
+    assert probe_run(full, baselines=True)["pixels"] == first["pixels"]  # from the cache
+    monkeypatch.setattr(alambic.probe, "probe_model", no_probing)
+    again = probe_run(full, baselines=False)
+    assert again["student"] == summary["probe"] == first["student"]
