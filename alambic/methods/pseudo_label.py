@@ -30,6 +30,8 @@ class PseudoLabelConfig(MethodConfig):
     unlabeled_only: bool = Field(
         True, description="pseudo-label only the unlabelled samples (labelled ones keep their label only)",
     )
+    student_view: str = Field(INPUT, description="the view the student learns from (FixMatch: a strong view)")
+    teacher_view: str = Field(INPUT, description="the view the teacher pseudo-labels (FixMatch: a weak view)")
 
 
 @METHODS.register("pseudo_label")
@@ -37,9 +39,11 @@ class PseudoLabel(Method):
     """``CE(labelled) + λ·(1/|U|) Σ_{u∈U} 1(max q_u ≥ τ)·CE(s_u, argmax q_u)``, q the teacher's softmax.
 
     Lee's Pseudo-Label trains on the arg-max of every unlabelled prediction (``threshold: 0``); FixMatch's
-    threshold keeps only confident ones. Without augmentations the student and the teacher see the same
-    input (FixMatch's weak/strong pair collapses to one view). The normaliser is the number of
-    unlabelled samples in the batch, not the number kept (FixMatch Eq. 4).
+    threshold keeps only confident ones. By default the student and the teacher see the same input; with
+    a recipe ``views: {groups: {weak: {...}, strong: {...}}}`` and ``teacher_view: weak``,
+    ``student_view: strong`` the teacher pseudo-labels the weak view and the student learns both terms on
+    the strong one (FixMatch computes the labelled CE on the weak view; here it uses the student's view).
+    The normaliser is the number of unlabelled samples in the batch, not the number kept (FixMatch Eq. 4).
     """
 
     paper = (
@@ -51,9 +55,13 @@ class PseudoLabel(Method):
     needs_teacher = True
     uses_unlabeled = True
 
+    def use_views(self, names) -> None:
+        self.student_views, self.teacher_views = (self.config.student_view,), (self.config.teacher_view,)
+        super().use_views(names)
+
     def forward(self, student, teacher, batch, ctx) -> MethodOutput:
         cfg = self.config
-        s, t = student[INPUT].logits, teacher[INPUT].logits
+        s, t = student[cfg.student_view].logits, teacher[cfg.teacher_view].logits
         ce = masked_cross_entropy(s, batch.target, all_labeled=batch.all_labeled)
         rows = ~batch.labeled_mask() if cfg.unlabeled_only else None
         pseudo = cfg.weight * pseudo_label_loss(s, t, cfg.threshold, rows)

@@ -372,6 +372,22 @@ def test_pseudo_label_method_is_ce_plus_lambda_confident_unlabelled_term():
     assert both.terms["pseudo"].item() == pytest.approx(float(ce_rows[2] + ce_rows[3]) / 4, rel=1e-12)
 
 
+def test_pseudo_label_with_weak_strong_views_labels_the_weak_view_and_trains_the_strong_one():
+    """FixMatch's pair: the teacher's pseudo-labels come from `teacher_view`, the student learns on
+    `student_view`; the input view and the other side's view are not read."""
+    method = PseudoLabel(PseudoLabelConfig(threshold=0.9, teacher_view="weak", student_view="strong"))
+    method.use_views([INPUT, "weak", "strong"])
+    assert method.student_views == ("strong",) and method.teacher_views == ("weak",)
+    junk = f64(np.zeros_like(S))
+    student = {INPUT: ModelOutput(junk), "weak": ModelOutput(junk), "strong": ModelOutput(f64(S))}
+    teacher = {INPUT: ModelOutput(junk), "weak": ModelOutput(f64(T)), "strong": ModelOutput(junk)}
+    got = method(student, teacher, make_batch(), CTX)
+    expected = PseudoLabel(PseudoLabelConfig(threshold=0.9))(outs(f64(S)), outs(f64(T)), make_batch(), CTX)
+    assert got.loss.item() == pytest.approx(expected.loss.item(), rel=1e-12)
+    with pytest.raises(AlambicError, match="add them to the recipe's `views:` section"):
+        method.use_views([INPUT])
+
+
 # ------------------------------------------------------------------------------------------- loss gate
 
 
