@@ -21,6 +21,7 @@ from alambic.errors import AlambicError, ShapeMismatchError
 
 __all__ = [
     "byol_loss",
+    "code_cross_entropy",
     "dino_center",
     "dino_loss",
     "masked_token_loss",
@@ -313,10 +314,19 @@ def swapped_prediction_loss(scores_a: Tensor, scores_b: Tensor, codes_a: Tensor,
         )
     _positive(temperature, "temperature", what)
 
-    def ce(scores: Tensor, codes: Tensor) -> Tensor:
-        log_p = F.log_softmax(scores / temperature, dim=-1)
-        if hard:
-            return F.nll_loss(log_p, codes.detach().argmax(dim=-1))
-        return (-(codes.detach().to(log_p.dtype) * log_p).sum(-1)).mean()
+    return 0.5 * (code_cross_entropy(scores_a, codes_b, temperature, hard)
+                  + code_cross_entropy(scores_b, codes_a, temperature, hard))
 
-    return 0.5 * (ce(scores_a, codes_b) + ce(scores_b, codes_a))
+
+def code_cross_entropy(scores: Tensor, codes: Tensor, temperature: float = 0.1, hard: bool = False) -> Tensor:
+    """One direction of SwAV's swapped prediction, ``ℓ(z, q) = −Σ_k q_k log softmax(zᵀc/τ)_k``, batch-mean.
+
+    Caron et al., SwAV, 2020, arXiv:2006.09882, Eq. (2): ``scores`` [B, K] are one view's prototype scores,
+    ``codes`` [B, K] another view's codes (constants); ``hard=True`` uses their arg-max as class labels
+    (DISCOVR). :func:`swapped_prediction_loss` averages it over the two directions of a pair; a multi-crop
+    method pairs every view with every other global view through it.
+    """
+    log_p = F.log_softmax(scores / temperature, dim=-1)
+    if hard:
+        return F.nll_loss(log_p, codes.detach().argmax(dim=-1))
+    return (-(codes.detach().to(log_p.dtype) * log_p).sum(-1)).mean()

@@ -11,7 +11,7 @@ from alambic.data.batch import INPUT
 from alambic.errors import AlambicError
 from alambic.methods._ssl import one_view
 from alambic.methods.base import MethodOutput
-from alambic.methods.kmeans_pseudo import kmeans_labels
+from alambic.methods.kmeans_pseudo import embed_training_set, kmeans_labels
 from alambic.methods.pseudo_label import LossGate, LossGateConfig
 from alambic.models.heads import feature_path
 from alambic.registry import METHODS
@@ -80,15 +80,11 @@ class ClusterGate(LossGate):
         cfg = self.config
         if info.loader is None or info.teacher is None:
             raise AlambicError("cluster_gate: setup needs the training loader and the frozen encoder (teacher)")
-        index, feats = [], []
-        for batch in info.loader.epoch(0):
-            out = info.teacher.outputs(batch, [INPUT])[INPUT]
-            index.append(batch.index.cpu())
-            feats.append(out.features[cfg.teacher_feature].detach().flatten(1).double().cpu())
+        index, feats, _ = embed_training_set(info.loader, info.teacher, cfg.teacher_feature)
         k = cfg.n_clusters or info.num_classes
-        clusters = kmeans_labels(torch.cat(feats).numpy(), k, cfg.seed, cfg.n_init, cfg.normalize)
+        clusters = kmeans_labels(feats.numpy(), k, cfg.seed, cfg.n_init, cfg.normalize)
         self.pseudo = torch.full((info.num_samples,), -1, dtype=torch.int64)
-        self.pseudo[torch.cat(index)] = torch.from_numpy(clusters)
+        self.pseudo[index] = torch.from_numpy(clusters)
         width = student[self.student_views[0]].features[self.feature].flatten(1).shape[1]
         self.classifier = nn.Linear(width, k)
 

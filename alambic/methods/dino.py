@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from pydantic import Field
 
+from alambic.eval.probes import output_entropy
 from alambic.losses import dino_center, dino_loss
 from alambic.methods._ssl import cross_view_plan, warmup_then_constant
 from alambic.methods.base import Method, MethodConfig, MethodOutput, SetupInfo
@@ -100,11 +99,9 @@ class DINO(Method):
         tau_t = self.teacher_temperature(ctx)
         loss = dino_loss(s, t, self.center, cfg.student_temperature, tau_t)
         with torch.no_grad():
-            p = ((torch.cat(t) - self.center) / tau_t).softmax(-1)
-            per_sample = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-            mean = p.mean(0)
-            monitors = {"H_teacher": per_sample, "H_mean": -(mean * mean.clamp_min(1e-12).log()).sum(),
-                        "loss_over_lnK": loss.detach() / math.log(cfg.out_dim)}
+            h = output_entropy(torch.cat(t) - self.center, tau_t)  # of the centred, sharpened targets
+            monitors = {"H_teacher": torch.tensor(h["entropy"]), "H_mean": torch.tensor(h["mean_entropy"]),
+                        "loss_over_lnK": loss.detach() / h["max"]}
             if self.training:
                 self.center.copy_(dino_center(self.center, t, cfg.center_momentum).reshape(self.center.shape))
         return loss, monitors

@@ -43,6 +43,24 @@ def kmeans_labels(features: np.ndarray, n_clusters: int, seed: int = 0, n_init: 
     return km.labels_.astype(np.int64)
 
 
+def embed_training_set(loader, teacher, tap: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every training sample embedded once by a frozen teacher on the plain input, in epoch 0's order.
+
+    Returns ``index`` [N] (stable ids), ``features`` [N, D] float64 (the teacher's logits, or the tap
+    ``tap`` flattened) and ``labels`` [N] (``IGNORE_INDEX`` where the sample has no label, or the loader
+    gives none).
+    """
+    index, feats, labels = [], [], []
+    for batch in loader.epoch(0):
+        out = teacher.outputs(batch, [INPUT])[INPUT]
+        f = out.logits if tap is None else out.features[tap]
+        index.append(batch.index.cpu())
+        feats.append(f.detach().reshape(len(f), -1).double().cpu())
+        target = batch.target if batch.target is not None else torch.full_like(batch.index, IGNORE_INDEX)
+        labels.append(torch.where(batch.labeled_mask(), target, torch.full_like(target, IGNORE_INDEX)).cpu())
+    return torch.cat(index), torch.cat(feats), torch.cat(labels)
+
+
 def majority_mapping(clusters: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
     """[K] class of each cluster: the most frequent label among its labelled members.
 
@@ -97,19 +115,12 @@ class KMeansPseudo(Method):
         cfg = self.config
         if info is None or info.loader is None or info.teacher is None:
             raise AlambicError("kmeans_pseudo: setup needs the training loader and the teacher (SetupInfo)")
-        index, feats, labels = [], [], []
-        for batch in info.loader.epoch(0):
-            out = info.teacher.outputs(batch, [INPUT])[INPUT]
-            f = out.logits if cfg.teacher_tap is None else out.features[cfg.teacher_tap]
-            index.append(batch.index.cpu())
-            feats.append(f.detach().reshape(len(f), -1).double().cpu())
-            target = batch.target if batch.target is not None else torch.full_like(batch.index, IGNORE_INDEX)
-            labels.append(torch.where(batch.labeled_mask(), target, torch.full_like(target, IGNORE_INDEX)).cpu())
-        index_t, labels_np = torch.cat(index), torch.cat(labels).numpy()
+        index_t, feats, labels = embed_training_set(info.loader, info.teacher, cfg.teacher_tap)
+        labels_np = labels.numpy()
         if not (labels_np != IGNORE_INDEX).any():
             raise AlambicError("kmeans_pseudo: the training split has no labelled sample to name the clusters with")
         k = cfg.n_clusters or info.num_classes
-        clusters = kmeans_labels(torch.cat(feats).numpy(), k, cfg.seed, cfg.n_init, cfg.normalize)
+        clusters = kmeans_labels(feats.numpy(), k, cfg.seed, cfg.n_init, cfg.normalize)
         mapping = majority_mapping(clusters, labels_np, k)
         self.cluster_class = torch.from_numpy(mapping)
         self.cluster = torch.full((info.num_samples,), -1, dtype=torch.int64)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from alambic.losses import sinkhorn
+from alambic.losses import code_cross_entropy, sinkhorn
 from alambic.methods._ssl import cross_view_plan
 from alambic.methods.base import Method, MethodConfig, MethodOutput
 from alambic.models.heads import DINOHead, EmbeddingNet, feature_path, tap_dim
@@ -35,8 +34,8 @@ class SwAV(Method):
     of each global view come from :func:`~alambic.losses.sinkhorn` on the teacher's scores when a teacher is
     given (DISCOVR computes them on an EMA teacher's outputs: ``teacher: {ema: ...}``) and on the
     student's own detached scores otherwise (SwAV, no teacher). Every student view ``v`` then pays
-    ``−Σ_k q_ik log softmax(s_v/τ)_k`` for every global view ``i ≠ v`` (Eq. 1 for one direction; with two
-    views this is :func:`~alambic.losses.swapped_prediction_loss`), averaged over pairs. Sinkhorn's
+    ``−Σ_k q_ik log softmax(s_v/τ)_k`` for every global view ``i ≠ v`` (:func:`~alambic.losses.code_cross_entropy`;
+    with two views this is :func:`~alambic.losses.swapped_prediction_loss`), averaged over pairs. Sinkhorn's
     equipartition constraint, not a center, keeps the batch from collapsing onto one prototype; the
     monitor ``used_prototypes`` counts the prototypes that are some sample's arg-max.
     """
@@ -68,9 +67,7 @@ class SwAV(Method):
             for j, v in enumerate(self.student_views):
                 if j == i:
                     continue
-                log_p = F.log_softmax(student[v].logits / cfg.temperature, dim=-1)
-                q = codes[t]
-                losses.append(F.nll_loss(log_p, q.argmax(-1)) if cfg.hard else (-(q * log_p).sum(-1)).mean())
+                losses.append(code_cross_entropy(student[v].logits, codes[t], cfg.temperature, cfg.hard))
         loss = torch.stack(losses).mean()
         with torch.no_grad():
             used = torch.unique(student[self.student_views[0]].logits.argmax(-1)).numel()
