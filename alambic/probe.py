@@ -40,22 +40,20 @@ def _labelled(split: Split, limit: int | None = None) -> tuple[Tensor, Tensor]:
     return split.x[rows], split.y[rows]
 
 
-def _features(model: nn.Module, feature: str | None, x: Tensor, batch_size: int) -> Tensor:
-    return extract_features(model, x, feature, batch_size=batch_size)
-
-
 def probe_features(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor] | None,
                    num_classes: int, k: int = 20, temperature: float = 0.07, linear: bool = True) -> dict[str, Any]:
     """kNN (train -> val, train -> test) and linear-probe accuracies of given features.
 
     Each pair is (features [N, D], labels [N]). Returns ``knn_val``, ``knn_test``, ``linear_val``,
     ``linear_test``, ``linear_c`` (the inverse regularisation chosen on val) and representation statistics
-    of the validation features (``feature_std``, ``rank``); test entries are None without ``test``.
+    of the validation features (``feature_std``, ``rank``); test entries are None without ``test``, linear
+    ones None without ``linear``.
     """
     (ftr, ytr), (fva, yva) = train, val
     out: dict[str, Any] = {"knn_val": knn_accuracy(ftr, ytr, fva, yva, num_classes, k=k, temperature=temperature)}
     out["knn_test"] = (knn_accuracy(ftr, ytr, test[0], test[1], num_classes, k=k, temperature=temperature)
                        if test is not None else None)
+    out.update(linear_val=None, linear_test=None, linear_c=None)
     if linear:
         lp = linear_probe(ftr, ytr, fva, yva, None if test is None else test[0], None if test is None else test[1],
                           num_classes=num_classes)
@@ -71,7 +69,7 @@ def probe_model(model: nn.Module, feature: str | None, data: DataBundle, *, k: i
     xtr, ytr = _labelled(data.train, max_train)
     if len(ytr) == 0:
         raise AlambicError("probe: the training split has no labelled sample to fit a probe on")
-    f = lambda x: _features(model, feature, x, batch_size)  # noqa: E731
+    f = lambda x: extract_features(model, x, feature, batch_size=batch_size)  # noqa: E731
     return probe_features((f(xtr), ytr), (f(data.val.x), data.val.y),
                           (f(data.test.x), data.test.y) if test else None,
                           data.num_classes, k=k, temperature=temperature, linear=linear)
@@ -125,7 +123,7 @@ class ProbeCallback(Callback):
         self.history: list[dict[str, Any]] = []
 
     def _probe(self, model: nn.Module) -> dict[str, float]:
-        f = lambda x: _features(_backbone(model), self.feature, x, self.batch_size)  # noqa: E731
+        f = lambda x: extract_features(_backbone(model), x, self.feature, batch_size=self.batch_size)  # noqa: E731
         res = probe_features((f(self.train[0]), self.train[1]), (f(self.data.val.x), self.data.val.y), None,
                              self.data.num_classes, k=self.k, temperature=self.temperature, linear=False)
         return {k: v for k, v in res.items() if v is not None}

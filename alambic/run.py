@@ -154,34 +154,33 @@ def finish_representation(out: Path, recipe: Recipe, data: DataBundle, student: 
 
     ev = recipe.eval
     threads = recipe.train.threads or 1
-    probe = probe_model(student, feature, data, k=ev.knn_k, temperature=ev.knn_temperature, batch_size=ev.batch_size,
+    def probed(model: nn.Module, path: str) -> tuple[dict[str, Any], str]:
+        """The probe of ``model`` at ``path`` and its headline split key (linear, or kNN without it)."""
+        p = probe_model(model, path, data, k=ev.knn_k, temperature=ev.knn_temperature, batch_size=ev.batch_size,
                         linear=ev.linear_probe)
-    probe.setdefault("linear_test", None)
-    probe.setdefault("linear_val", None)
-    headline = probe["linear_test"] if ev.linear_probe else probe["knn_test"]
+        return p, "linear" if ev.linear_probe else "knn"
+
+    probe, head = probed(student, feature)
     summary: dict[str, Any] = {
         "name": recipe.name, "method": recipe.method.name, "seed": recipe.seed, "data": recipe.data.name,
         "data_fingerprint": data.fingerprint, "kind": "representation", "feature": feature,
-        "test": {"accuracy": headline, "knn_accuracy": probe["knn_test"], "linear_accuracy": probe["linear_test"]},
-        "val": {"accuracy": probe["linear_val"] if ev.linear_probe else probe["knn_val"], "knn_accuracy": probe["knn_val"]},
+        "test": {"accuracy": probe[f"{head}_test"], "knn_accuracy": probe["knn_test"],
+                 "linear_accuracy": probe["linear_test"]},
+        "val": {"accuracy": probe[f"{head}_val"], "knn_accuracy": probe["knn_val"]},
         "probe": probe,
         "student": {"params": parameter_count(student), "size_bytes": size_on_disk(student),
                     "latency_ms": cpu_latency_ms(student, data.test.x[:1], batch_size=ev.latency_batch_size,
                                                  repeats=ev.latency_repeats, threads=threads)},
         "teacher": None, "train": fit_info, "warnings": list(warnings),
     }
-    if isinstance(teacher, EmaTeacher):
-        t = probe_model(teacher.model.backbone, feature, data, k=ev.knn_k, temperature=ev.knn_temperature,
-                        linear=ev.linear_probe)
-        summary["teacher"] = {"kind": "ema", "test": {"accuracy": t.get("linear_test", t["knn_test"]),
-                                                      "knn_accuracy": t["knn_test"]},
+    if isinstance(teacher, EmaTeacher):  # the EMA of the backbone, read where the student is
+        t, head = probed(teacher.model.backbone, feature)
+        summary["teacher"] = {"kind": "ema", "test": {"accuracy": t[f"{head}_test"], "knn_accuracy": t["knn_test"]},
                               "probe": t}
     elif isinstance(teacher, FrozenTeacher) and teacher_feature is not None:  # SEED's frozen encoder
-        t = probe_model(teacher.model, teacher_feature, data, k=ev.knn_k, temperature=ev.knn_temperature,
-                        linear=ev.linear_probe)
+        t, head = probed(teacher.model, teacher_feature)
         summary["teacher"] = {"kind": "frozen", "feature": teacher_feature, "params": parameter_count(teacher.model),
-                              "test": {"accuracy": t.get("linear_test", t["knn_test"]), "knn_accuracy": t["knn_test"]},
-                              "probe": t}
+                              "test": {"accuracy": t[f"{head}_test"], "knn_accuracy": t["knn_test"]}, "probe": t}
     meta = {"arch": recipe.student.resolved(), "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "class_names": data.class_names, "features": feature}
     export_safetensors(student, out / STUDENT_WEIGHTS, metadata={"alambic": json.dumps(meta)})

@@ -174,7 +174,7 @@ class Trainer:
                         self.metrics.write(record)
                         self.status.update({k: f"{v:.3g}" for k, v in record.get("monitors", {}).items()})
                         bar.update(task, loss=record["loss"], sps=record["samples_per_s"], status=self._status())
-                    bar.update(task, advance=1, status=self._status())
+                    bar.update(task, advance=1)  # the status text changes only at a metric line
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and pos < self.steps_per_epoch:
                         self.save_checkpoint(epoch, pos)
                     for cb in self.callbacks:
