@@ -78,7 +78,8 @@ def run(
     train = data.train if method_cls.uses_unlabeled else data.train.labeled_only()
     if len(train) == 0:
         raise AlambicError("the training split has no sample this method can use (no labelled sample?)")
-    loader = make_loader(train, recipe.train.batch_size, shuffle=True, seed=recipe.seed)
+    composed = recipe.train.labeled_per_batch if method_cls.uses_unlabeled and not ssl else None
+    loader = make_loader(train, recipe.train.batch_size, shuffle=True, seed=recipe.seed, labeled_per_batch=composed)
     if ssl:  # labels never reach a self-supervised method; the probes read them from `data`
         loader = WithoutLabels(loader)
     views = [INPUT]
@@ -120,6 +121,7 @@ def run(
         "steps": fit.steps, "epochs": fit.epochs, "wall_time_s": round(fit.wall_time_s, 3),
         "resumed_from_step": fit.resumed_from, "train_samples": len(train),
         "labeled_train_samples": 0 if ssl else int(train.labeled.sum()),
+        "labeled_per_batch": getattr(loader, "labeled_per_batch", None),
     }
     if recipe.views is not None:  # the view plan: which views each side saw
         fit_info["views"] = {"student": list(method.student_views), "teacher": list(method.teacher_views)}

@@ -7,6 +7,13 @@ dropout consume, is never touched), and ``epoch(e, start=k)`` skips the first ``
 drawing anything. :class:`TensorLoader` serves an in-memory :class:`~alambic.data.splits.Split` by direct
 tensor indexing (no DataLoader, no per-sample Python); :class:`DatasetLoader` wraps any
 ``torch.utils.data.Dataset`` with the same semantics.
+
+A partly labelled split can be served in *composed* batches (``labeled_per_batch=k``): every batch holds
+``k`` labelled and ``batch_size - k`` unlabelled samples, as FixMatch's separate labelled and unlabelled
+batches do (Sohn et al., "FixMatch", 2020, arXiv:2001.07685, Sec. 3 and Algorithm 1: B labelled and μB
+unlabelled images per step). Drawn uniformly from a split with 5 % of labels, a batch of 64 holds about 3
+labelled samples, so a loss averaged over the labelled rows is noisy and the labelled set is seen only
+about as often as any other sample; composed batches fix the labelled share instead.
 """
 
 from __future__ import annotations
@@ -35,6 +42,41 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
 
 
+def composed_batches(labeled: Tensor, batch_size: int, labeled_per_batch: int, seed: int, epoch: int,
+                     drop_last: bool = False) -> list[Tensor]:
+    """Positions of each batch of epoch ``epoch`` when every batch holds ``labeled_per_batch`` labelled rows.
+
+    ``labeled`` is the split's [N] bool mask. An epoch is one pass over the unlabelled rows in a seeded
+    random order, ``batch_size - labeled_per_batch`` per batch (the last batch may hold fewer unless
+    ``drop_last``); the labelled rows are spread evenly through each batch and are drawn from back-to-back random
+    permutations of the labelled set, fresh each epoch, so within an epoch every labelled row is used
+    either ⌊m⌋ or ⌈m⌉ times (m = labelled draws / labelled rows). A pure function of (seed, epoch).
+    """
+    per = batch_size - labeled_per_batch
+    if per < 1 or labeled_per_batch < 1:
+        raise ValueError(f"labeled_per_batch must be in 1..batch_size-1 ({batch_size - 1}), got {labeled_per_batch}")
+    lab = labeled.nonzero().flatten()
+    unl = (~labeled).nonzero().flatten()
+    if len(lab) == 0 or len(unl) == 0:
+        raise ValueError("composed batches need both labelled and unlabelled rows")
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    unl = unl[torch.randperm(len(unl), generator=gen)]
+    n = len(unl) // per if drop_last else math.ceil(len(unl) / per)
+    need = n * labeled_per_batch
+    stream = torch.cat([lab[torch.randperm(len(lab), generator=gen)] for _ in range(max(1, -(-need // len(lab))))])
+    batches = []
+    for i in range(n):
+        u = unl[i * per : (i + 1) * per]
+        b = labeled_per_batch + len(u)
+        # labelled rows spread evenly (at ⌊j·b/k⌋), so the chunks of gradient accumulation hold equal shares
+        at = torch.zeros(b, dtype=torch.bool)
+        at[torch.arange(labeled_per_batch) * b // labeled_per_batch] = True
+        rows = torch.empty(b, dtype=torch.int64)
+        rows[at], rows[~at] = stream[i * labeled_per_batch : (i + 1) * labeled_per_batch], u
+        batches.append(rows)
+    return batches
+
+
 class _EpochLoader:
     """Shared bookkeeping: batch count and the range check on ``start``."""
 
@@ -60,14 +102,43 @@ class TensorLoader(_EpochLoader):
     ``labeled`` is None when the whole split is labelled; ``Batch.labeled_mask()`` answers either way.
     """
 
-    def __init__(self, split: Split, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+    def __init__(self, split: Split, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 labeled_per_batch: int | None = None):
         super().__init__(len(split), batch_size, shuffle, seed, drop_last)
         self.split = split
         # a fully labelled split needs no mask per batch (Batch.labeled_mask() derives it from the targets)
         self._labeled = None if bool(split.labeled.all()) else split.labeled
+        # composition applies only to a split with both kinds of row; a fully labelled or fully unlabelled
+        # one is served uniformly, so one recipe runs in every label setting of a suite
+        mixed = self._labeled is not None and bool(split.labeled.any())
+        self.labeled_per_batch = labeled_per_batch if mixed else None
+        if self.labeled_per_batch is not None:
+            if not shuffle:
+                raise ValueError("labeled_per_batch needs shuffle=True (composed batches are drawn at random)")
+            if not 1 <= labeled_per_batch < batch_size:
+                raise ValueError(
+                    f"labeled_per_batch must be in 1..batch_size-1 ({batch_size - 1}), got {labeled_per_batch}")
+            per = batch_size - labeled_per_batch
+            n_unl = int((~split.labeled).sum())
+            self._len = n_unl // per if drop_last else math.ceil(n_unl / per)
+
+    def __len__(self) -> int:
+        return self._len if self.labeled_per_batch is not None else super().__len__()
+
+    def _composed(self, epoch: int, start: int) -> list[Tensor]:
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start must be in 0..{len(self)} (batches per epoch), got {start}")
+        assert self.labeled_per_batch is not None
+        return composed_batches(self.split.labeled, self.batch_size, self.labeled_per_batch, self.seed, epoch,
+                                self.drop_last)[start:]
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         s, bs = self.split, self.batch_size
+        if self.labeled_per_batch is not None:
+            for rows in self._composed(epoch, start):
+                pick = lambda t: t.index_select(0, rows)  # noqa: E731
+                yield Batch(views={INPUT: pick(s.x)}, index=pick(s.index), target=pick(s.y), labeled=pick(s.labeled))
+            return
         pos = self._positions(epoch, start)
         for i in range(0, len(pos), bs):
             if self.shuffle:  # index_select: about twice as fast as x[rows] on CPU
@@ -142,9 +213,14 @@ class DatasetLoader(_EpochLoader):
 
 
 def make_loader(data: Split | Dataset, batch_size: int, **kw: Any) -> TensorLoader | DatasetLoader:
-    """A :class:`TensorLoader` for a :class:`Split`, a :class:`DatasetLoader` for a torch ``Dataset``."""
+    """A :class:`TensorLoader` for a :class:`Split`, a :class:`DatasetLoader` for a torch ``Dataset``.
+
+    ``labeled_per_batch`` (composed batches) needs a :class:`Split`, whose labelled mask is known up front.
+    """
     if isinstance(data, Split):
         return TensorLoader(data, batch_size, **kw)
+    if kw.pop("labeled_per_batch", None) is not None:
+        raise TypeError("labeled_per_batch needs an in-memory Split (its labelled mask), not a torch Dataset")
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         return DatasetLoader(data, batch_size, **kw)  # type: ignore[arg-type]
     raise TypeError(f"make_loader wants a Split or a torch Dataset, got {type(data).__name__}")

@@ -125,6 +125,12 @@ class TrainSpec(Strict):
         description="total optimizer steps, overriding epochs: the same budget for methods whose training sets differ",
     )
     batch_size: int = Field(64, ge=1)
+    labeled_per_batch: int | None = Field(
+        None, ge=1,
+        description="on a partly labelled split, labelled samples in every batch (the rest unlabelled; an epoch is "
+                    "one pass over the unlabelled ones), as FixMatch composes its batches; None: batches drawn "
+                    "uniformly from the whole split. Ignored when the split is fully labelled",
+    )
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -150,6 +156,8 @@ class TrainSpec(Strict):
     def _accum(self) -> "TrainSpec":
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.labeled_per_batch is not None and self.labeled_per_batch >= self.batch_size:
+            raise ValueError(f"labeled_per_batch ({self.labeled_per_batch}) must be below batch_size ({self.batch_size})")
         return self
 
 

@@ -233,3 +233,49 @@ def test_epoch_based_schedules_follow_a_step_budget(tmp_path, teacher_run, metho
     recipe = load_recipe(tiny_recipe(method=method, **extra), ["train.steps=25"])  # 19 steps/epoch
     summary = run(recipe, tmp_path / "r", progress=False)
     assert summary["train"]["steps"] == 25
+
+
+def test_composed_batches_accumulate_exactly_and_resume_bit_identically(tmp_path, teacher_run):
+    """With ``train.labeled_per_batch`` the labelled rows are spread evenly through the batch, so each
+    accumulation chunk holds an equal share and a loss averaged over the labelled rows accumulates to
+    exactly the one-batch mean; a killed run resumes into the same composed batches."""
+    from alambic.data.batch import INPUT
+    from alambic.losses.divergence import masked_cross_entropy
+    from alambic.methods.base import Method, MethodOutput
+
+    class SemiCE(Method):  # CE on the labelled rows + an entropy term on every row
+        uses_unlabeled = True
+
+        def forward(self, student, teacher, batch, ctx):
+            logits = student[INPUT].logits
+            ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+            return MethodOutput(masked_cross_entropy(logits, batch.target) + 0.1 * ent, {}, logits)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(105, 6), torch.randint(0, 3, (105,))
+    data = bundle_from_arrays(x, y, val_fraction=0.1, test_fraction=0.1, labeled_fraction=0.3)
+    assert int((~data.train.labeled).sum()) == 60  # 5 whole batches of 12 unlabelled + 4 labelled
+    results = []
+    for accum in (1, 4):
+        torch.manual_seed(1)
+        model = MLP(6, [8], 3)
+        cfg = TrainSpec(epochs=2, batch_size=16, grad_accum=accum, lr=0.05, optimizer="sgd", log_every=100)
+        loader = make_loader(data.train, cfg.batch_size, seed=0, labeled_per_batch=4)
+        Trainer(model, SemiCE(), loader, cfg, progress=False).fit()
+        results.append(model.state_dict())
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)
+
+    recipe = load_recipe(tiny_recipe(
+        data={"name": "digits", "labeled_fraction": 0.3}, teacher={"run": str(teacher_run)},
+        method={"name": "kd", "temperature": 4.0, "alpha": 0.5},
+        train={"epochs": 2, "batch_size": 64, "labeled_per_batch": 16, "lr": 0.01, "checkpoint_every": 5},
+    ))
+    straight = run(recipe, tmp_path / "straight", progress=False)
+    unlabelled = straight["train"]["train_samples"] - straight["train"]["labeled_train_samples"]
+    assert straight["train"]["labeled_per_batch"] == 16
+    assert straight["train"]["steps"] == 2 * -(-unlabelled // 48)  # an epoch is one pass over the unlabelled
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp_path / "killed", progress=False, callbacks=[KillAt(23)])
+    assert run(recipe, tmp_path / "killed", resume=True, progress=False)["train"]["resumed_from_step"] == 20
+    assert_bit_identical(weights(tmp_path / "straight"), weights(tmp_path / "killed"))

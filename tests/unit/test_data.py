@@ -319,3 +319,57 @@ def test_make_loader_dispatches():
     assert isinstance(make_loader(TensorDataset(s.x, s.y), 4, num_workers=0), DatasetLoader)
     with pytest.raises(TypeError):
         make_loader(42, 4)
+
+
+def composed_split(n: int = 40, labelled: int = 6) -> Split:
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    lab = torch.zeros(n, dtype=torch.bool)
+    lab[torch.arange(labelled) * (n // labelled)] = True
+    y = torch.where(lab, torch.arange(n) % 3, torch.full((n,), IGNORE_INDEX))
+    return Split(x=x, y=y, index=torch.arange(n), labeled=lab)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_composed_batches_hold_k_labelled_and_pass_once_over_the_unlabelled(drop_last):
+    s = composed_split()  # 6 labelled, 34 unlabelled; 8 per batch of which 3 labelled -> 5 unlabelled
+    loader = TensorLoader(s, 8, seed=0, labeled_per_batch=3, drop_last=drop_last)
+    batches = list(loader.epoch(0))
+    assert len(batches) == len(loader) == (6 if drop_last else 7)  # 34 / 5
+    for b in batches:
+        assert int(b.labeled.sum()) == 3 and torch.equal(b.labeled, s.labeled[b.index])
+        assert torch.equal(b.target, s.y[b.index]) and torch.equal(b.input[:, 0], b.index.float())
+    assert [len(b) for b in batches] == [8] * 6 + ([] if drop_last else [3 + 4])
+    unl = torch.cat([b.index[~b.labeled] for b in batches]).tolist()
+    assert len(unl) == len(set(unl)) == (30 if drop_last else 34)  # each unlabelled row at most once
+    lab = torch.cat([b.index[b.labeled] for b in batches])
+    counts = torch.bincount(lab, minlength=len(s))[s.labeled]
+    assert counts.max() - counts.min() <= 1  # 18 or 21 labelled draws over 6 rows: balanced permutations
+
+
+def test_composed_batches_spread_labelled_rows_and_follow_seed_and_epoch_only():
+    s = composed_split()
+    loader = TensorLoader(s, 8, seed=4, labeled_per_batch=4)
+    first = next(iter(loader.epoch(0)))
+    assert first.labeled.tolist() == [True, False] * 4  # at ⌊j·8/4⌋: each half of the batch holds 2
+    state = torch.get_rng_state()
+    a = ids(loader.epoch(2))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not consumed
+    assert ids(TensorLoader(s, 8, seed=4, labeled_per_batch=4).epoch(2)) == a
+    assert ids(loader.epoch(3)) != a and ids(TensorLoader(s, 8, seed=5, labeled_per_batch=4).epoch(2)) != a
+    for k in range(len(loader) + 1):
+        assert ids(loader.epoch(2, start=k)) == a[k:]
+    with pytest.raises(ValueError, match="start"):
+        list(loader.epoch(2, start=len(loader) + 1))
+
+
+def test_composed_batches_are_off_for_fully_labelled_splits_and_refuse_bad_sizes():
+    s = composed_split()
+    full = Split(x=s.x, y=torch.arange(40) % 3, index=s.index, labeled=torch.ones(40, dtype=torch.bool))
+    plain = TensorLoader(full, 8, seed=0, labeled_per_batch=3)
+    assert plain.labeled_per_batch is None and ids(plain.epoch(0)) == ids(TensorLoader(full, 8, seed=0).epoch(0))
+    with pytest.raises(ValueError, match=r"labeled_per_batch must be in 1..batch_size-1 \(7\), got 8"):
+        TensorLoader(s, 8, labeled_per_batch=8)
+    with pytest.raises(ValueError, match="shuffle"):
+        TensorLoader(s, 8, shuffle=False, labeled_per_batch=2)
+    with pytest.raises(TypeError, match="labeled_per_batch needs an in-memory Split"):
+        make_loader(TensorDataset(s.x, s.y), 8, labeled_per_batch=2)
