@@ -213,3 +213,17 @@ def test_named_suite_teachers_are_trained_once_and_cells_point_at_them(tmp_path)
     stamp = (wide / "summary.json").stat().st_mtime_ns
     bench(suite, out, progress=False)
     assert (wide / "summary.json").stat().st_mtime_ns == stamp
+
+
+BENCH_SUITES = [p for p in sorted((Path(__file__).parents[2] / "benchmarks" / "suites").glob("*.yaml"))
+                if "methods" in yaml.safe_load(p.read_text())]  # ssl.yaml is benchmarks/self_supervised.py's
+
+
+@pytest.mark.parametrize("path", BENCH_SUITES, ids=lambda p: p.stem)
+def test_every_published_suite_plans_every_cell(path, tmp_path):
+    """A typo in a published suite fails here, not an hour into `alambic bench`."""
+    from alambic.bench import plan
+
+    suite, _ = load_suite(path)
+    p = plan(suite, tmp_path, teacher_ready=False)
+    assert len(p.cells) == len(suite.methods) * len(suite.settings) * len(suite.seeds) > 0
