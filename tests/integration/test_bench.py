@@ -227,3 +227,25 @@ def test_every_published_suite_plans_every_cell(path, tmp_path):
     suite, _ = load_suite(path)
     p = plan(suite, tmp_path, teacher_ready=False)
     assert len(p.cells) == len(suite.methods) * len(suite.settings) * len(suite.seeds) > 0
+
+
+def test_compare_settings_pairs_cells_by_method_and_seed(tmp_path, capsys):
+    """benchmarks/compare_settings.py: Δ is the mean paired difference over the seeds both settings finished."""
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "benchmarks" / "compare_settings.py"
+    spec = importlib.util.spec_from_file_location("compare_settings", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    header = "setting,method,seed,test_accuracy,test_ece,params,latency_ms,wall_time_s,status,error\n"
+    rows = ["a,kd,0,0.50,,,,,ok,", "a,kd,1,0.60,,,,,ok,", "a,kd,2,0.90,,,,,ok,",
+            "b,kd,0,0.55,,,,,ok,", "b,kd,1,0.70,,,,,ok,", "b,kd,2,,,,,,failed,boom", "b,ce,0,0.4,,,,,ok,"]
+    (tmp_path / "results.csv").write_text(header + "\n".join(rows) + "\n")
+    mod.main([f"{tmp_path}:a", f"{tmp_path}:b"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3  # header, rule, kd only: ce has no cell in setting a
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    # seeds 0 and 1 only (seed 2 failed in b): A = 55.00 ± 7.07, B = 62.50 ± 10.61, Δ = (5 + 10) / 2
+    assert cells[:4] == ["kd", "55.00 ± 7.07", "62.50 ± 10.61", "+7.50"] and cells[5] == "2"
+    with pytest.raises(SystemExit, match="no finished cell of setting 'c'"):
+        mod.main([f"{tmp_path}:a", f"{tmp_path}:c"])
