@@ -9,6 +9,7 @@ A suite file (strict, validated before anything trains; errors name the key path
     settings: {full: {}, scarce: {data.labeled_fraction: 0.1}}           # default: {default: {}}
     seeds: 3                                                           # or a list: [0, 1, 2]
     workers: 1
+    teacher_cache: disk                                                # optional: off (default) | memory | disk
 
 Each cell's recipe is ``base`` ← the method's overrides ← the setting's overrides ← ``seed``. Overrides are a
 mapping (merged section by section; a dotted key sets one value) or a list of ``key.path=value`` strings
@@ -22,7 +23,9 @@ and whose overrides bring none gets ``teacher.run`` pointing at it (the base's o
 More teachers are named under ``teachers: {vit: RECIPE-OR-RUN-DIR}``, trained once into
 ``OUT/teachers/<name>``; a cell points at one with ``teacher: {run: "@vit"}`` (or inside ``teachers: [...]``,
 where ``"@teacher"`` is the suite's main teacher): a ViT student's own teacher, a second ensemble member.
-Cells whose method needs no teacher (``ce``) train alone, so their wall time is their own.
+Cells whose method needs no teacher (``ce``) train alone, so their wall time is their own. With
+``teacher_cache: disk`` every suite teacher a cell gets carries ``cache: disk``: its outputs on the
+training samples are computed once and shared by all the cells (see ``alambic.teachers.cached``).
 
 Cells run :func:`alambic.run.run` into ``OUT/runs/<setting>/<method>/seed<k>``, in-process or (``workers``
 > 1) in worker processes started fresh (a fork server, else spawn; see :func:`_pool_context`). A finished
@@ -44,7 +47,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -78,6 +81,8 @@ class Suite(Strict):
     settings: dict[str, dict[str, Any] | list[str]] = Field(default_factory=lambda: {"default": {}}, min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     workers: int = Field(1, ge=1)
+    teacher_cache: Literal["off", "memory", "disk"] = Field(
+        "off", description="teacher.cache of the suite's teachers in every cell (disk: shared by all cells)")
 
     @field_validator("base", "teacher", mode="before")
     @classmethod
@@ -211,7 +216,7 @@ def plan(suite: Suite, out: Path, *, teacher_ready: bool) -> Plan:
         stand_in = {"model": p.teacher_recipe.resolved()["student"]}
     named: dict[str, dict[str, Any]] = {}  # "@name" -> the teacher section a cell gets
     if p.teacher_dir is not None:
-        named["teacher"] = stand_in or {"run": str(p.teacher_dir)}
+        named["teacher"] = with_cache(stand_in or {"run": str(p.teacher_dir)}, suite.teacher_cache)
     for name, spec in suite.teachers.items():
         if isinstance(spec, dict):
             recipe = _validated(spec, f"teachers.{name}")
@@ -221,9 +226,10 @@ def plan(suite: Suite, out: Path, *, teacher_ready: bool) -> Plan:
         else:
             p.named[name] = (None, Path(spec))
             named[name] = {"run": spec}
+        named[name] = with_cache(named[name], suite.teacher_cache)
     problems: dict[str, set[tuple[str, str]]] = {}
     for setting, method, seed in grid(suite):
-        data, injected = cell_data(suite, method, setting, seed, p.teacher_dir, stand_in)
+        data, injected = cell_data(suite, method, setting, seed, p.teacher_dir, with_cache(stand_in, suite.teacher_cache))
         try:
             _refer_to_teachers(data, named)
         except RecipeError as exc:
@@ -268,8 +274,13 @@ def cell_data(suite: Suite, method: str, setting: str, seed: int, teacher_dir: P
     inject = (teacher_dir is not None and not own_teacher and name in METHODS
               and METHODS.get(name).obj.needs_teacher)
     if inject:
-        data["teacher"] = stand_in if stand_in is not None else {"run": str(teacher_dir)}
+        data["teacher"] = stand_in if stand_in is not None else with_cache({"run": str(teacher_dir)}, suite.teacher_cache)
     return data, inject
+
+
+def with_cache(section: dict[str, Any] | None, cache: str) -> dict[str, Any] | None:
+    """A teacher section with the suite's ``teacher_cache`` (unchanged when it is "off")."""
+    return section if section is None or cache == "off" else {**section, "cache": cache}
 
 
 def _refer_to_teachers(data: dict[str, Any], named: dict[str, dict[str, Any]]) -> None:

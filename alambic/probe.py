@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from alambic.cache_dir import cache_dir
 from alambic.data.splits import DataBundle, Split
 from alambic.errors import AlambicError, RunDirError
 from alambic.eval.probes import extract_features, knn_accuracy, linear_probe, representation_stats
@@ -87,7 +88,7 @@ def pixel_baseline(data: DataBundle, *, k: int = 20, temperature: float = 0.07, 
 def cached_pixel_baseline(data: DataBundle, *, k: int = 20, temperature: float = 0.07) -> dict[str, Any]:
     """:func:`pixel_baseline`, kept under ``$ALAMBIC_CACHE/probes`` (default ``~/.cache/alambic``) by the
     data's fingerprint, k and T: it depends on nothing else, and on large data it takes minutes."""
-    root = Path(os.environ.get("ALAMBIC_CACHE") or Path.home() / ".cache" / "alambic") / "probes"
+    root = cache_dir("probes")
     path = root / f"pixels-{data.fingerprint}-k{k}-t{temperature:g}.json"
     if path.is_file():
         return json.loads(path.read_text())

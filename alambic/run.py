@@ -22,6 +22,7 @@ from torch import nn
 
 from alambic import methods as _methods  # noqa: F401  (registers methods)
 from alambic.data import sources as _sources  # noqa: F401  (registers datasets)
+from alambic.cache_dir import cache_dir
 from alambic.data.batch import INPUT
 from alambic.data.loader import WithoutLabels, make_loader
 from alambic.data.views import AugmentedLoader, ViewMaker
@@ -39,6 +40,7 @@ from alambic.recipe.schema import Recipe, TeacherSpec
 from alambic.registry import METHODS
 from alambic.teachers.analytic import AnalyticTeacher
 from alambic.teachers.base import Teacher
+from alambic.teachers.cached import CachedTeacher
 from alambic.teachers.ema import EmaTeacher
 from alambic.teachers.ensemble import TeacherEnsemble
 from alambic.teachers.frozen import FrozenTeacher
@@ -123,6 +125,8 @@ def run(
         "labeled_train_samples": 0 if ssl else int(train.labeled.sum()),
         "labeled_per_batch": getattr(loader, "labeled_per_batch", None),
     }
+    if (cache_stats := teacher_cache_stats(teacher)) is not None:
+        fit_info["teacher_cache"] = cache_stats
     if recipe.views is not None:  # the view plan: which views each side saw
         fit_info["views"] = {"student": list(method.student_views), "teacher": list(method.teacher_views)}
     if ssl:
@@ -340,16 +344,34 @@ def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None
     if spec.run is not None:
         model, meta = load_student(spec.run)
         _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.run {spec.run}")
-        return FrozenTeacher(model)
+        return _maybe_cached(FrozenTeacher(model), spec, data)
     if spec.model is not None:
         model = build_model(spec.model, data.input_shape, data.num_classes)
         if spec.weights is not None:
             load_weights(model, spec.weights)
-        return FrozenTeacher(model)
+        return _maybe_cached(FrozenTeacher(model), spec, data)
     estimator = import_object(spec.estimator)(**spec.estimator_kwargs)
     labelled = data.train.labeled_only()
     estimator.fit(labelled.x.reshape(len(labelled), -1).double().numpy(), labelled.y.numpy())
     return AnalyticTeacher(estimator)
+
+
+def _maybe_cached(teacher: FrozenTeacher, spec: TeacherSpec, data: DataBundle) -> Teacher:
+    """``teacher`` behind a :class:`CachedTeacher` when the recipe asks for one (``teacher.cache``)."""
+    if spec.cache == "off":
+        return teacher
+    rows = 1 + max(int(s.index.max()) for s in (data.train, data.val, data.test) if len(s))
+    folder = cache_dir("teachers") if spec.cache == "disk" else None
+    return CachedTeacher(teacher, rows, folder, data.fingerprint)
+
+
+def teacher_cache_stats(teacher: Teacher | None) -> dict[str, Any] | list[dict[str, Any]] | None:
+    """Hits and misses of a cached teacher (per member of an ensemble), or None when nothing is cached."""
+    if isinstance(teacher, CachedTeacher):
+        return teacher.stats()
+    if isinstance(teacher, TeacherEnsemble) and any(isinstance(t, CachedTeacher) for t in teacher.teachers):
+        return [t.stats() if isinstance(t, CachedTeacher) else None for t in teacher.teachers]
+    return None
 
 
 def _check_compatible(num_classes: int, input_shape: tuple[int, ...], data: DataBundle, what: str) -> None:

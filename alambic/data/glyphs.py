@@ -48,6 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from alambic.cache_dir import cache_dir
 from alambic.data.sources import RawData, fingerprint
 from alambic.errors import AlambicError
 from alambic.registry import DATASETS
@@ -229,7 +230,7 @@ def render_font(path: str | Path, chars: str, size: int) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------- build + cache
 def cache_root() -> Path:
-    return Path(os.environ.get("ALAMBIC_CACHE") or Path.home() / ".cache" / "alambic") / "glyphs"
+    return cache_dir("glyphs")
 
 
 def cache_key(files: list[Path], cfg: GlyphsConfig) -> str:

@@ -103,6 +103,12 @@ class TeacherSpec(Strict):
     estimator_kwargs: dict[str, Any] = Field(default_factory=dict)
     ema: EmaSpec | None = None
     transfer: TransferSpec | None = None
+    cache: Literal["off", "memory", "disk"] = Field(
+        "off",
+        description="keep a frozen teacher's outputs per sample after their first computation (rows whose input "
+                    "changed are recomputed): 'memory' for this run, 'disk' also under $ALAMBIC_CACHE/teachers, "
+                    "shared by every run of the same teacher and data",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherSpec":
@@ -111,6 +117,9 @@ class TeacherSpec(Strict):
             raise ValueError(f"give exactly one of run, model, estimator, ema, transfer; got {given or 'none'}")
         if self.weights is not None and self.model is None:
             raise ValueError("weights needs model (the architecture the weights belong to)")
+        if self.cache != "off" and self.run is None and self.model is None:
+            raise ValueError(f"cache: {self.cache} needs a frozen network teacher (run or model), not {given[0]}: "
+                             "an EMA or transfer teacher changes every step")
         return self
 
 

@@ -249,3 +249,20 @@ def test_compare_settings_pairs_cells_by_method_and_seed(tmp_path, capsys):
     assert cells[:4] == ["kd", "55.00 ± 7.07", "62.50 ± 10.61", "+7.50"] and cells[5] == "2"
     with pytest.raises(SystemExit, match="no finished cell of setting 'c'"):
         mod.main([f"{tmp_path}:a", f"{tmp_path}:c"])
+
+
+def test_suite_teacher_cache_reaches_every_suite_teacher_and_no_other(tmp_path):
+    from alambic.bench import plan
+
+    suite = {**SUITE, "teacher_cache": "disk",
+             "teachers": {"wide": {**SUITE["teacher"], "student": {"arch": "mlp", "hidden": [48]}}},
+             "methods": {"ce": {"method": {"name": "ce"}}, "kd": {"method": {"name": "kd"}},
+                         "two": {"method": {"name": "multi_teacher"}, "teachers": [{"run": "@teacher"}, {"run": "@wide"}]},
+                         "ema": {"method": {"name": "mean_teacher"}, "teacher": {"ema": {"momentum": 0.9}}}}}
+    cells = {c.method: c.recipe for c in plan(load_suite(suite)[0], tmp_path, teacher_ready=False).cells}
+    assert cells["ce"].teacher is None
+    assert cells["kd"].teacher.cache == "disk"
+    assert [t.cache for t in cells["two"].teachers] == ["disk", "disk"]
+    assert cells["ema"].teacher.cache == "off"  # a cell's own teacher is left as written
+    off = {c.method: c.recipe for c in plan(load_suite({**SUITE})[0], tmp_path, teacher_ready=False).cells}
+    assert off["kd"].teacher.cache == "off"
