@@ -45,7 +45,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from alambic.cache_dir import cache_dir
@@ -102,6 +102,18 @@ class GlyphsConfig(BaseModel):
     group_by: Literal["design", "family"] = Field(
         "design", description="unit held out by the split: the design stem (default) or the exact family name"
     )
+    cache_file: str | None = Field(
+        None, description="a rendered set (.npz) from another machine's cache, used as is, without fonts: "
+                          "copy <cache>/glyphs/<key>.npz of a build with the same size and classes",
+    )
+
+    @model_validator(mode="after")
+    def _file_or_fonts(self) -> "GlyphsConfig":
+        chosen = [k for k in ("fonts", "max_fonts", "font_dirs") if getattr(self, k) is not None] + (
+            ["exclude"] if self.exclude else [])
+        if self.cache_file is not None and chosen:
+            raise ValueError(f"cache_file holds fonts already chosen: drop {', '.join(chosen)}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -255,8 +267,10 @@ def build_glyphs(cfg: GlyphsConfig, *, progress: bool | None = None) -> GlyphSet
 
     ``progress``: a rich progress bar while rendering (default: on a terminal, for more than 50 fonts).
     """
-    files = font_files(cfg.font_dirs)
     chars = CHARSETS[cfg.classes]
+    if cfg.cache_file is not None:
+        return _carried_cache(Path(cfg.cache_file).expanduser(), cfg, chars)
+    files = font_files(cfg.font_dirs)
     key = cache_key(files, cfg)
     path = cache_root() / f"{key}.npz"
     cached = _read_cache(path, key)
@@ -318,6 +332,25 @@ def _render_all(files: list[Path], cfg: GlyphsConfig, chars: str, progress: bool
     kept.sort(key=lambda k: (k[0].lower(), k[1].lower(), str(k[2])))  # stable sample order: by name
     images = np.stack([k[3] for k in kept])
     return images, [str(k[2]) for k in kept], [k[0] for k in kept], [k[1] for k in kept]
+
+
+def _carried_cache(path: Path, cfg: GlyphsConfig, chars: str) -> GlyphSet:
+    """The set in ``cache_file``: any key is accepted (its fonts are not here to hash), size and classes
+    must match the recipe's."""
+    if not path.is_file():
+        raise AlambicError(f"glyphs cache_file {path} not found (copy it from {cache_root()} on a machine that "
+                           "rendered the same size and classes)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            g = GlyphSet(f["images"], f["paths"].tolist(), f["families"].tolist(), f["styles"].tolist(),
+                         str(f["chars"]), str(f["key"]))
+    except Exception as exc:
+        raise AlambicError(f"glyphs cache_file {path} is not a rendered glyph set ({type(exc).__name__}: {exc})") from None
+    if g.images.ndim != 4 or g.images.shape[-1] != cfg.size or g.chars != chars:
+        raise AlambicError(f"glyphs cache_file {path} holds {g.images.shape[-1]}-pixel images of {len(g.chars)} "
+                           f"characters; the recipe asks for size {cfg.size} and classes {cfg.classes!r} "
+                           f"({len(chars)} characters)")
+    return g
 
 
 def _read_cache(path: Path, key: str) -> GlyphSet | None:

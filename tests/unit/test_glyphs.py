@@ -279,3 +279,23 @@ def test_bundle_is_deterministic_and_hides_only_train_labels(font_dir):
     others = [bundle_of(c, split_seed=s) for s in range(2, 6)]
     assert any(not torch.equal(o.test.index, a.test.index) for o in others), "the seed moves the held-out families"
     assert len({o.fingerprint for o in others}) == len(others)
+
+
+def test_a_carried_cache_file_gives_the_same_data_without_fonts(font_dir, tmp_path, monkeypatch, count_renders):
+    """A machine without fonts (a lent GPU box) loads the .npz another machine rendered: same samples,
+    same split, same data fingerprint (so cached teachers and bench cells still match)."""
+    c = cfg(font_dir, size=16)
+    here = bundle_of(c)
+    carried = tmp_path / "glyphs16.npz"
+    shutil.copy2(G.cache_root() / f"{G.build_glyphs(c).key}.npz", carried)
+    monkeypatch.setattr(G, "font_files", lambda dirs=None: [])  # no font anywhere
+    rendered = len(count_renders)
+    there = bundle_of(G.GlyphsConfig(size=16, cache_file=str(carried)))
+    assert len(count_renders) == rendered and there.fingerprint == here.fingerprint
+    assert torch.equal(there.train.x, here.train.x) and torch.equal(there.test.index, here.test.index)
+    with pytest.raises(AlambicError, match=r"holds 16-pixel images of 62 characters; the recipe asks for size 24"):
+        G.build_glyphs(G.GlyphsConfig(size=24, cache_file=str(carried)))
+    with pytest.raises(AlambicError, match="glyphs cache_file .*nowhere.npz not found"):
+        G.build_glyphs(G.GlyphsConfig(cache_file=str(tmp_path / "nowhere.npz")))
+    with pytest.raises(ValueError, match="cache_file holds fonts already chosen: drop fonts"):
+        G.GlyphsConfig(cache_file=str(carried), fonts=["Free*"])
