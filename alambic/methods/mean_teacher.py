@@ -28,6 +28,8 @@ class MeanTeacherConfig(MethodConfig):
         0.0, ge=0,
         description="std of Gaussian noise on the student's input (paper's ConvNet: 0.15); 0 = off",
     )
+    student_view: str = Field(INPUT, description="the view the student learns from (an augmented copy)")
+    teacher_view: str = Field(INPUT, description="the view the EMA teacher predicts on (another augmented copy)")
 
 
 def sigmoid_rampup(step: np.ndarray | float, rampup_steps: float) -> np.ndarray:
@@ -52,13 +54,13 @@ class MeanTeacher(Method):
     labelled and unlabelled samples alike; its weight ``w(t) = consistency_weight · exp(−5(1 − t)²)`` ramps
     up over ``rampup_epochs`` (a per-step schedule, read as ``ctx.values["consistency_weight"]``).
 
-    The paper perturbs both views with input noise and augmentation; alambic has no augmentations yet, so
-    with identical clean inputs the student is pulled towards its own recent average only. ``input_noise``
-    adds Gaussian noise of that std to the student's input: the method then runs the student a second
-    time on the noisy input (it keeps a reference to it from ``setup``) and trains on that pass for both
-    costs, while the teacher predicts on the clean input (a "weak" teacher view, as in FixMatch). The
-    extra forward pass also updates BatchNorm statistics a second time. Not reproduced: the EMA warm-up
-    ``min(1 − 1/(step + 1), m)`` of the official code.
+    The paper perturbs student and teacher inputs independently (noise and augmentation): name two
+    augmented views of the recipe's ``views:`` section as ``student_view`` and ``teacher_view`` (both
+    default to the clean input, where the student is pulled towards its own recent average only).
+    ``input_noise`` adds Gaussian noise of that std to the student's view: the method then runs the
+    student a second time on the noisy input (it keeps a reference to it from ``setup``) and trains on
+    that pass for both costs. The extra forward pass also updates BatchNorm statistics a second time. Not
+    reproduced: the EMA warm-up ``min(1 − 1/(step + 1), m)`` of the official code.
     """
 
     paper = (
@@ -69,6 +71,10 @@ class MeanTeacher(Method):
     Config = MeanTeacherConfig
     needs_teacher = True
     uses_unlabeled = True
+
+    def use_views(self, names) -> None:
+        self.student_views, self.teacher_views = (self.config.student_view,), (self.config.teacher_view,)
+        super().use_views(names)
 
     def setup(self, student, teacher, info) -> None:
         self.__dict__["_student"] = info.student if info is not None else None  # a reference, not a submodule
@@ -81,16 +87,17 @@ class MeanTeacher(Method):
         return {CONSISTENCY: self.weight_at(np.arange(info.total_steps), info.steps_per_epoch)}
 
     def forward(self, student, teacher, batch, ctx) -> MethodOutput:
-        s = student[INPUT].logits
-        if self.config.input_noise > 0 and self.training:
+        cfg = self.config
+        s = student[cfg.student_view].logits
+        if cfg.input_noise > 0 and self.training:
             net = self.__dict__.get("_student")
             if net is None:
                 raise AlambicError("mean_teacher: input_noise needs the student (run setup first)")
-            x = batch.views[INPUT]
+            x = batch.views[cfg.student_view]
             s = net(x + self.config.input_noise * torch.randn_like(x))
         weight = ctx.values.get(CONSISTENCY)
         if weight is None:  # a hand-written loop without the schedules: same value, from the step
             weight = float(self.weight_at(ctx.step, ctx.steps_per_epoch))
         ce = masked_cross_entropy(s, batch.target, all_labeled=batch.all_labeled)
-        consistency = weight * softmax_mse_loss(s, teacher[INPUT].logits)
+        consistency = weight * softmax_mse_loss(s, teacher[cfg.teacher_view].logits)
         return MethodOutput(ce + consistency, {"ce": ce.detach(), "consistency": consistency.detach()}, s)

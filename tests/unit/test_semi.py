@@ -321,6 +321,23 @@ def test_mean_teacher_is_labelled_ce_plus_weighted_consistency_on_every_sample()
     assert s.grad[1].abs().sum() > 0 and s.grad[3].abs().sum() > 0  # unlabelled rows learn from the teacher
 
 
+def test_mean_teacher_with_two_views_trains_the_student_view_towards_the_teacher_view():
+    """The paper's independent perturbations: the student's CE and consistency read `student_view`, the
+    teacher is asked for `teacher_view` only; other views are not read."""
+    method = MeanTeacher(MeanTeacherConfig(student_view="strong", teacher_view="weak"))
+    method.use_views([INPUT, "weak", "strong"])
+    assert method.student_views == ("strong",) and method.teacher_views == ("weak",)
+    junk = f64(np.zeros_like(S))
+    ctx = StepContext(step=3, epoch=0, total_steps=10, steps_per_epoch=5, values={"consistency_weight": 7.0})
+    student = {INPUT: ModelOutput(junk), "weak": ModelOutput(junk), "strong": ModelOutput(f64(S))}
+    teacher = {INPUT: ModelOutput(junk), "weak": ModelOutput(f64(T)), "strong": ModelOutput(junk)}
+    got = method(student, teacher, make_batch(), ctx)
+    expected = MeanTeacher(MeanTeacherConfig())(outs(f64(S)), outs(f64(T)), make_batch(), ctx)
+    assert got.loss.item() == pytest.approx(expected.loss.item(), rel=1e-12)
+    with pytest.raises(AlambicError, match="add them to the recipe's `views:` section"):
+        method.use_views([INPUT])
+
+
 def test_mean_teacher_schedule_is_the_sigmoid_rampup():
     method = MeanTeacher(MeanTeacherConfig(consistency_weight=100.0, rampup_epochs=2))
     info = SetupInfo(None, 3, 4, steps_per_epoch=5, epochs=3)
