@@ -279,3 +279,13 @@ def test_composed_batches_accumulate_exactly_and_resume_bit_identically(tmp_path
         run(recipe, tmp_path / "killed", progress=False, callbacks=[KillAt(23)])
     assert run(recipe, tmp_path / "killed", resume=True, progress=False)["train"]["resumed_from_step"] == 20
     assert_bit_identical(weights(tmp_path / "straight"), weights(tmp_path / "killed"))
+
+
+def test_uniform_batches_with_few_labels_print_a_hint_and_composed_ones_do_not(tmp_path, capsys):
+    spec = tiny_recipe(data={"name": "digits", "labeled_fraction": 0.05}, method={"name": "kd"},
+                       teacher={"model": {"arch": "mlp", "hidden": [8]}}, train={"epochs": 1, "batch_size": 64})
+    run(load_recipe(spec), tmp_path / "uniform", progress=False)
+    assert "note: 5% of the training samples are labelled, so a uniform batch of 64 holds about 3" in capsys.readouterr().err
+    spec["train"]["labeled_per_batch"] = 16
+    run(load_recipe(spec), tmp_path / "composed", progress=False)
+    assert "note:" not in capsys.readouterr().err
