@@ -439,10 +439,24 @@ def _state(run_dir: Path, recipe: Recipe, suite_teacher: bool = False) -> tuple[
     expected = recipe.resolved()
     if suite_teacher and isinstance(saved.get("teacher"), dict) and "run" in saved["teacher"]:
         expected["teacher"] = {**expected["teacher"], "run": saved["teacher"]["run"]}  # the bench dir moved
-    diff = first_difference(saved, expected)
+    diff = first_difference(_without_speed_options(saved), _without_speed_options(expected))
     if diff is not None:
         return "stale", None, f"{run_dir} holds a finished run of another recipe (at {diff}): delete it to rerun"
     return "ok", json.loads((run_dir / SUMMARY).read_text()), None
+
+
+def _without_speed_options(recipe: Any) -> Any:
+    """A resolved recipe without the options that change how fast a run goes, not what it learns
+    (``cache`` of each teacher section), so switching the suite's ``teacher_cache`` reuses finished cells."""
+    if not isinstance(recipe, dict):
+        return recipe
+    out = dict(recipe)
+    if isinstance(out.get("teacher"), dict):
+        out["teacher"] = {k: v for k, v in out["teacher"].items() if k != "cache"}
+    if isinstance(out.get("teachers"), list):
+        out["teachers"] = [{k: v for k, v in t.items() if k != "cache"} if isinstance(t, dict) else t
+                           for t in out["teachers"]]
+    return out
 
 
 def _row(cell: Cell, status: str, summary: dict[str, Any] | None, error: str | None,

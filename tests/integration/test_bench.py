@@ -133,6 +133,14 @@ def test_a_finished_cell_of_another_recipe_is_reported_never_reused(out, tmp_pat
     assert all(r.status == "failed" and "holds a finished run of another recipe (at train.lr" in r.error for r in ok)
 
 
+def test_switching_the_teacher_cache_reuses_finished_cells(out, tmp_path, no_training):
+    """teacher_cache changes speed, not results: cells finished with the live teacher count as done."""
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    rows = bench({**SUITE, "teacher_cache": "memory"}, copy, progress=False)
+    assert sum(r.status == "ok" for r in rows) == 8 and all(r.method == "broken" for r in rows if r.status != "ok")
+
+
 def test_two_workers_give_the_results_of_one(out, tmp_path):
     # one setting of the suite (the failing cells included); the teacher that the first bench trained,
     # given as a run directory; the cells run in 2 worker processes
