@@ -99,11 +99,15 @@ class CachedTeacher:
         return self.teacher.fingerprint()
 
     def close(self) -> None:
-        """Write the cache to disk if it learned anything, then release the wrapped teacher."""
+        """Write the cache to disk if it learned anything, then release the wrapped teacher.
+
+        Closing removes the wrapped teacher's taps, so from here on the cache serves logits only (what the
+        evaluation after training reads) and writes nothing more to disk."""
         if self.folder is not None and self._dirty:
             self.save()
         if hasattr(self.teacher, "close"):
             self.teacher.close()
+        self.taps, self.folder = (), None
 
     # -- the cache ----------------------------------------------------------------------------------------
 

@@ -90,6 +90,7 @@ def test_disk_cache_is_shared_and_refuses_a_mismatched_manifest(tmp_path):
     x = torch.rand(8, 1, 8, 8)
     a = CachedTeacher(make_teacher(), 8, tmp_path, data_fingerprint="d1")
     out = a.outputs(batch_of(x, list(range(8))), [INPUT])[INPUT]
+    file = a.file
     a.close()
     teacher = make_teacher()
     b = CachedTeacher(teacher, 8, tmp_path, data_fingerprint="d1")
@@ -99,8 +100,8 @@ def test_disk_cache_is_shared_and_refuses_a_mismatched_manifest(tmp_path):
     # a file whose manifest disagrees with its name (copied by hand, another version) is refused by name
     from alambic.train.state import atomic_save, load
 
-    tensors, meta = load(a.file)
-    atomic_save(tensors, {**meta, "num_samples": 9}, a.file)
+    tensors, meta = load(file)
+    atomic_save(tensors, {**meta, "num_samples": 9}, file)
     with pytest.raises(AlambicError, match=r"teacher cache .*safetensors does not match .*num_samples"):
         CachedTeacher(make_teacher(), 8, tmp_path, data_fingerprint="d1")
 
@@ -132,3 +133,25 @@ def test_cached_teacher_run_equals_the_live_run(tmp_path, teacher_run, monkeypat
     for k in w["live"]:
         torch.testing.assert_close(w["first"][k], w["live"][k], rtol=1e-4, atol=1e-5)
         assert torch.equal(w["first"][k], w["second"][k])
+
+
+def test_a_tapped_cached_teacher_still_answers_after_close():
+    """After training the run closes the teacher (its taps go) and then evaluates agreement on the test
+    split: new rows must still be computed, as logits only."""
+    x = torch.rand(8, 1, 8, 8)
+    teacher = make_teacher()
+    cached = CachedTeacher(teacher, num_samples=8)
+    cached.use_taps(["features.block0"])
+    cached.outputs(batch_of(x, [0, 1]), [INPUT])
+    cached.close()
+    out = cached.outputs(batch_of(x, [1, 5]), [INPUT])[INPUT]
+    assert out.features == {}
+    torch.testing.assert_close(out.logits, make_teacher().outputs(batch_of(x, [1, 5]), [INPUT])[INPUT].logits)
+
+
+def test_a_tapped_method_runs_to_the_end_with_a_cached_teacher(tmp_path, teacher_run):
+    spec = tiny_recipe(teacher={"run": str(teacher_run), "cache": "memory"},
+                       method={"name": "fitnet", "student_tap": "body.act0", "teacher_tap": "body.act0"},
+                       train={"epochs": 2, "batch_size": 64, "lr": 0.01})
+    summary = run(load_recipe(spec), tmp_path / "r", progress=False)
+    assert summary["train"]["teacher_cache"]["hits"] > 0 and 0 <= summary["test"]["agreement"] <= 1
