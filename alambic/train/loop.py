@@ -93,6 +93,8 @@ class Trainer:
         self.lrs = lr_schedule(cfg.lr, self.total_steps, self.steps_per_epoch, cfg.schedule, warmup,
                                cfg.step_epochs, cfg.step_gamma).tolist()
         self.step = 0
+        self._clock: float | None = None  # perf_counter at the start of this fit()
+        self._earlier_s = 0.0  # training seconds of earlier attempts, read from the checkpoint on resume
 
     # -- one step ---------------------------------------------------------------------------------------
 
@@ -151,7 +153,7 @@ class Trainer:
             self.metrics.truncate_after(self.step)
         elif self.run_dir is not None:
             self.metrics.truncate_after(-1)
-        started = time.perf_counter()
+        started = self._clock = time.perf_counter()
         window = _Window()
         self.status: dict[str, str] = {}  # short "name value" strings callbacks and monitors show in the bar
         with self._progress() as bar:
@@ -192,7 +194,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch, val)
         self.close()
-        return FitResult(self.step, self.epochs, time.perf_counter() - started, resumed)
+        return FitResult(self.step, self.epochs, self._earlier_s + time.perf_counter() - started, resumed)
 
     def close(self) -> None:
         if self.student_taps is not None:
@@ -218,8 +220,12 @@ class Trainer:
         }
         if self.teacher is not None and hasattr(self.teacher, "state_tensors"):
             tensors.update(st.prefixed("teacher", self.teacher.state_tensors()))
+        # training time so far, earlier attempts included (up to their last checkpoint): a resumed run reports
+        # what the whole run cost, not only its last piece
+        wall = self._earlier_s + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
         meta = {"step": self.step, "epoch": epoch, "pos": pos, "optim": opt_m, "rng": rng_m,
-                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "wall_time_s": round(wall, 3)}
         st.atomic_save(tensors, meta, path)
         for cb in self.callbacks:
             cb.on_checkpoint(self, path)
@@ -240,6 +246,7 @@ class Trainer:
             self.teacher.load_state_tensors(st.unprefixed("teacher", tensors))
         st.set_rng_state(st.unprefixed("rng", tensors), meta["rng"])
         self.step = int(meta["step"])
+        self._earlier_s = float(meta.get("wall_time_s", 0.0))
         return int(meta["epoch"]), int(meta["pos"])
 
     # -- helpers ----------------------------------------------------------------------------------------

@@ -221,8 +221,10 @@ def test_train_steps_sets_the_exact_budget_and_resumes_exactly(tmp_path):
     assert a["train"]["steps"] == 30 and a["train"]["epochs"] == 2
     with pytest.raises(KeyboardInterrupt):
         run(recipe, tmp_path / "b", progress=False, callbacks=[KillAt(29)])
+    before = st.load(tmp_path / "b" / "checkpoint.safetensors")[1]["wall_time_s"]
     b = run(recipe, tmp_path / "b", resume=True, progress=False)
     assert b["train"]["steps"] == 30 and b["train"]["resumed_from_step"] == 28
+    assert b["train"]["wall_time_s"] > before > 0  # the whole run's training time, not its last piece
     assert_bit_identical(weights(tmp_path / "a"), weights(tmp_path / "b"))
 
 
