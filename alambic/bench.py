@@ -520,7 +520,21 @@ def run_cell(recipe: dict[str, Any], out: str) -> tuple[dict[str, Any] | None, s
         if os.environ.get("ALAMBIC_DEBUG"):
             traceback.print_exc(file=sys.stderr)
         text = " / ".join(str(exc).split("\n")) or type(exc).__name__
-        return None, text if isinstance(exc, AlambicError) else f"{type(exc).__name__}: {text}"
+        if isinstance(exc, AlambicError):
+            return None, text
+        return None, f"{type(exc).__name__}: {text} ({_origin(exc)}; ALAMBIC_DEBUG=1 prints the traceback)"
+
+
+def _origin(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame that raised ``exc``: where an unexpected error
+    (a bug, most likely) came from, in one line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "no traceback"
+    f = frames[-1]
+    path = Path(f.filename)
+    shown = "/".join(path.parts[path.parts.index("alambic"):]) if "alambic" in path.parts else path.name
+    return f"{shown}:{f.lineno} in {f.name}"
 
 
 def _read_failures(out: Path) -> dict[str, str]:

@@ -275,3 +275,15 @@ def test_suite_teacher_cache_reaches_every_suite_teacher_and_no_other(tmp_path):
     assert cells["ema"].teacher.cache == "off"  # a cell's own teacher is left as written
     off = {c.method: c.recipe for c in plan(load_suite({**SUITE})[0], tmp_path, teacher_ready=False).cells}
     assert off["kd"].teacher.cache == "off"
+
+
+def test_an_unexpected_error_in_a_cell_says_where_it_came_from(tmp_path, monkeypatch):
+    from alambic.bench import run_cell
+
+    def boom(*args, **kwargs):
+        return {}["features.block1"]
+
+    monkeypatch.setattr(alambic.bench, "run", boom)
+    summary, error = run_cell({"name": "x"}, str(tmp_path))
+    assert summary is None and "\n" not in error
+    assert error.startswith("KeyError: 'features.block1' (test_bench.py:") and "in boom; ALAMBIC_DEBUG=1" in error
