@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -167,6 +168,7 @@ class CachedTeacher:
 
         assert self.file is not None
         atomic_save({"filled": self.filled, "keys": self.keys, **self.store}, self._manifest(), self.file)
+        os.chmod(self.file, 0o644)  # shared by every run (and user) of this teacher and data, like the glyph cache
         self._dirty = False
         return self.file
 

@@ -92,6 +92,7 @@ def test_disk_cache_is_shared_and_refuses_a_mismatched_manifest(tmp_path):
     out = a.outputs(batch_of(x, list(range(8))), [INPUT])[INPUT]
     file = a.file
     a.close()
+    assert file.stat().st_mode & 0o777 == 0o644  # readable by every run that shares it
     teacher = make_teacher()
     b = CachedTeacher(teacher, 8, tmp_path, data_fingerprint="d1")
     again = b.outputs(batch_of(x, [7, 2]), [INPUT])[INPUT]
