@@ -102,7 +102,38 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--report-only", action="store_true", help="rebuild the tables and plot; train nothing")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_bench)
+
+    c = sub.add_parser("cache", help="what alambic keeps under $ALAMBIC_CACHE (rendered glyphs, probes, teacher "
+                                     "outputs), and clearing it")
+    c.add_argument("--clear", nargs="*", metavar="KIND", default=None,
+                   help="delete these kinds (glyphs, probes, teachers; none named: all): they are rebuilt on use")
+    c.set_defaults(func=_cache)
     return p
+
+
+def _cache(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from alambic.cache_dir import KINDS, cache_dir, cache_usage, clear_cache
+
+    console = Console()
+    if args.clear is not None:
+        try:
+            freed = clear_cache(args.clear or KINDS)
+        except ValueError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            return 2
+        for kind, (files, size) in freed.items():
+            console.print(f"cleared {kind}: {files} files, {size / 2**20:.1f} MiB ({cache_dir(kind)})")
+        return 0
+    table = Table(title=f"alambic cache: {cache_dir('').resolve()}")
+    for col in ("kind", "files", "MiB", "folder"):
+        table.add_column(col, justify="right" if col in ("files", "MiB") else "left")
+    for kind, (files, size) in cache_usage().items():
+        table.add_row(kind, str(files), f"{size / 2**20:.1f}", str(cache_dir(kind)))
+    console.print(table)
+    return 0
 
 
 def _run(args) -> int:

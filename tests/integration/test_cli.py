@@ -139,3 +139,22 @@ def test_quickstart_reuses_finished_runs_and_names_a_stale_directory(tmp_path):
     recipe.write_text(recipe.read_text().replace("lr: 0.003", "lr: 0.004"))
     with pytest.raises(RunDirError, match=r"another version of the quickstart: delete .* or pass --out DIR"):
         quickstart(tmp_path / "qs", seeds=2, progress=False)
+
+
+def test_cache_lists_each_kind_and_clears_only_what_is_named(tmp_path, monkeypatch, capsys):
+    from alambic.cli import main as cli
+
+    monkeypatch.setenv("ALAMBIC_CACHE", str(tmp_path))
+    (tmp_path / "teachers").mkdir()
+    (tmp_path / "teachers" / "a.safetensors").write_bytes(b"x" * 2048)
+    (tmp_path / "glyphs").mkdir()
+    (tmp_path / "glyphs" / "g.npz").write_bytes(b"y" * 10)
+    assert cli(["cache"]) == 0
+    listing = capsys.readouterr().out
+    assert "teachers" in listing and "glyphs" in listing and "probes" in listing
+    assert cli(["cache", "--clear", "teachers"]) == 0
+    assert "cleared teachers: 1 files" in capsys.readouterr().out
+    assert not (tmp_path / "teachers").exists() and (tmp_path / "glyphs" / "g.npz").is_file()
+    assert cli(["cache", "--clear", "nope"]) == 2
+    assert "unknown cache kind(s) ['nope']" in capsys.readouterr().out
+    assert cli(["cache", "--clear"]) == 0 and not (tmp_path / "glyphs").exists()
