@@ -36,6 +36,8 @@ class DHOConfig(MethodConfig):
         description="inference mix α used until select_mix picks one on the validation split",
     )
     beta: float = Field(1.0, gt=0, description="KD-head temperature β used until select_mix picks one")
+    student_view: str = Field(INPUT, description="the view both heads learn from (an augmented copy)")
+    teacher_view: str = Field(INPUT, description="the view the teacher predicts on (the paper: the same image)")
     alphas: list[float] = Field(default_factory=lambda: list(ALPHAS), min_length=1,
                                 description="α grid of the validation search (paper: 0, 0.05, …, 1)")
     betas: list[float] = Field(default_factory=lambda: list(BETAS), min_length=1,
@@ -177,9 +179,13 @@ class DHO(Method):
     def student_taps(self) -> list[str]:
         return [self.config.tap]
 
+    def use_views(self, names) -> None:
+        self.student_views, self.teacher_views = (self.config.student_view,), (self.config.teacher_view,)
+        super().use_views(names)
+
     def setup(self, student, teacher, info) -> None:
-        feats = student[INPUT].features[self.config.tap]
-        logits = student[INPUT].logits
+        feats = student[self.config.student_view].features[self.config.tap]
+        logits = student[self.config.student_view].logits
         if feats.dim() != 2:
             raise ShapeMismatchError(
                 f"dho: tap '{self.config.tap}' gives features of shape {list(feats.shape)}; DHO's KD head needs "
@@ -190,12 +196,12 @@ class DHO(Method):
 
     def forward(self, student, teacher, batch, ctx) -> MethodOutput:
         cfg = self.config
-        s_out = student[INPUT]
+        s_out = student[cfg.student_view]
         z_ce = s_out.logits
         z_kd = self.kd_head(s_out.features[cfg.tap])
         lam = cfg.kd_weight
         ce = (1 - lam) * masked_cross_entropy(z_ce, batch.target, all_labeled=batch.all_labeled)
-        kd = lam * split_kd_loss(z_kd, teacher[INPUT].logits, batch.labeled_mask(), cfg.temperature)
+        kd = lam * split_kd_loss(z_kd, teacher[cfg.teacher_view].logits, batch.labeled_mask(), cfg.temperature)
         return MethodOutput(ce + kd, {"ce": ce.detach(), "kd": kd.detach()}, z_ce)
 
     # -- inference ---------------------------------------------------------------------------------------

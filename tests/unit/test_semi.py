@@ -169,6 +169,23 @@ def test_dho_loss_is_weighted_ce_on_own_head_plus_split_kd_on_the_second_head():
     taps.remove()
 
 
+def test_dho_with_views_learns_on_the_student_view_from_the_teacher_view():
+    """Both heads read `student_view` (features and logits), the teacher term `teacher_view`; nothing else."""
+    student, method, taps, x = dho_on_mlp(kd_weight=0.3)
+    expected, logits, feats = dho_forward(student, method, taps, x)
+    method.config = method.config.model_copy(update={"student_view": "strong", "teacher_view": "weak"})
+    method.use_views([INPUT, "weak", "strong"])
+    assert method.student_views == ("strong",) and method.teacher_views == ("weak",)
+    junk = f64(np.zeros_like(T))
+    student_out = {INPUT: ModelOutput(junk), "strong": ModelOutput(logits, feats)}
+    teacher_out = {INPUT: ModelOutput(junk), "weak": ModelOutput(f64(T))}
+    got = method(student_out, teacher_out, make_batch(n_features=4), CTX)
+    assert got.loss.item() == pytest.approx(expected.loss.item(), rel=1e-12)
+    with pytest.raises(AlambicError, match="add them to the recipe's `views:` section"):
+        method.use_views([INPUT])
+    taps.remove()
+
+
 def test_dho_kd_term_gives_zero_gradient_to_ce_head_and_ce_gives_zero_to_kd_head():
     student, method, taps, x = dho_on_mlp(kd_weight=1.0)  # pure KD
     out, _, _ = dho_forward(student, method, taps, x)
