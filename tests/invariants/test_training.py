@@ -283,11 +283,19 @@ def test_composed_batches_accumulate_exactly_and_resume_bit_identically(tmp_path
     assert_bit_identical(weights(tmp_path / "straight"), weights(tmp_path / "killed"))
 
 
-def test_uniform_batches_with_few_labels_print_a_hint_and_composed_ones_do_not(tmp_path, capsys):
+def test_uniform_batches_with_few_labels_print_a_hint_once_and_composed_ones_do_not(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    run_module = importlib.import_module("alambic.run")  # alambic.run, the attribute, is the function
+
+    monkeypatch.setattr(run_module, "_HINTED", set())
     spec = tiny_recipe(data={"name": "digits", "labeled_fraction": 0.05}, method={"name": "kd"},
                        teacher={"model": {"arch": "mlp", "hidden": [8]}}, train={"epochs": 1, "batch_size": 64})
     run(load_recipe(spec), tmp_path / "uniform", progress=False)
     assert "note: 5% of the training samples are labelled, so a uniform batch of 64 holds about 3" in capsys.readouterr().err
+    run(load_recipe(spec), tmp_path / "again", progress=False)
+    assert "note:" not in capsys.readouterr().err  # once per process: a bench or the quickstart runs many
+    monkeypatch.setattr(run_module, "_HINTED", set())
     spec["train"]["labeled_per_batch"] = 16
     run(load_recipe(spec), tmp_path / "composed", progress=False)
     assert "note:" not in capsys.readouterr().err
