@@ -159,10 +159,28 @@ class CollapseWatch(Callback):
     warning goes to stderr and into ``self.warnings`` (the run writes them into ``summary.json``).
     """
 
+    STATE = "collapse_watch.json"  # beside the checkpoint: the window and warnings as of its step
+
     def __init__(self, after: float = 0.2, threshold: float = 0.99):
         self.after, self.threshold = after, threshold
         self.warnings: list[str] = []
         self._window: list[float] = []
+
+    def on_checkpoint(self, trainer, path: Path) -> None:
+        """Keep the window and the warnings with the checkpoint, so a resumed run judges the same windows
+        and its summary keeps a warning given before the kill."""
+        state = {"step": trainer.step, "window": self._window, "warnings": self.warnings}
+        tmp = path.with_name(f".{self.STATE}.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path.with_name(self.STATE))
+
+    def on_fit_start(self, trainer, resumed: bool) -> None:
+        run_dir = getattr(trainer, "run_dir", None)
+        if not resumed or run_dir is None or not (Path(run_dir) / self.STATE).is_file():
+            return
+        state = json.loads((Path(run_dir) / self.STATE).read_text())
+        if state.get("step") == trainer.step:  # written with the checkpoint the run resumed from
+            self._window, self.warnings = list(state["window"]), list(state["warnings"])
 
     def on_step_end(self, trainer, step: int, logs: dict[str, Any]) -> None:
         value = logs.get("monitors", {}).get("loss_over_lnK")

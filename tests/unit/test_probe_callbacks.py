@@ -70,3 +70,37 @@ def test_probe_callback_follows_only_teachers_that_change(digits):
     assert "teacher" not in frozen.metrics.records[0]
     with pytest.raises(Exception, match="every must be >= 1"):
         ProbeCallback(digits, "body", every=0)
+
+
+def test_collapse_watch_resumes_its_window_and_warnings_from_the_checkpoint(tmp_path, capsys):
+    """Killed after a checkpoint in the middle of a window and resumed, the watch warns at the same step as
+    an uninterrupted run (not a window later); a warning given before a kill is kept for the summary."""
+    def feed(watch, t, steps):
+        for step in steps:
+            t.step = step
+            watch.on_step_end(t, step, {"monitors": {"loss_over_lnK": 0.5 if step <= 22 else 1.0}})
+
+    def resume(t, at):
+        watch = CollapseWatch(after=0.2, threshold=0.99)
+        t.step = at
+        watch.on_fit_start(t, resumed=True)
+        return watch
+
+    straight, t = CollapseWatch(after=0.2, threshold=0.99), trainer(None)
+    feed(straight, t, range(1, 40))
+    assert len(straight.warnings) == 1 and "step 29" in straight.warnings[0]  # window 25-29
+    t = trainer(None)
+    t.run_dir = tmp_path
+    first = CollapseWatch(after=0.2, threshold=0.99)
+    feed(first, t, range(1, 28))
+    first.on_checkpoint(t, tmp_path / "checkpoint.safetensors")  # at step 27: window 25-27 half full
+    second = resume(t, 27)
+    feed(second, t, range(28, 32))
+    assert second.warnings == straight.warnings
+    second.on_checkpoint(t, tmp_path / "checkpoint.safetensors")  # at step 31, after the warning
+    third = resume(t, 31)
+    feed(third, t, range(32, 40))
+    assert third.warnings == straight.warnings  # kept, and not given twice
+    stale = resume(t, 35)  # a later checkpoint than the state file: its state is not used
+    assert stale.warnings == [] and stale._window == []
+    capsys.readouterr()
