@@ -82,9 +82,15 @@ class Method(nn.Module):
     def use_views(self, names: Sequence[str]) -> None:
         """Choose which of the loader's views (``names``, in order) each side sees; called before training.
 
-        The default keeps the class's own ``student_views``/``teacher_views`` and checks they exist. A
-        multi-view method (DINO, BYOL) overrides this to build its view plan from the names.
+        The default keeps the class's own ``student_views``/``teacher_views``, or the single view its config
+        names as ``student_view``/``teacher_view`` (pseudo_label, mean_teacher, dho), and checks they exist.
+        A multi-view method (DINO, BYOL) overrides this to build its view plan from the names.
         """
+        config = getattr(self, "config", None)
+        if getattr(config, "student_view", None) is not None:
+            self.student_views = (config.student_view,)
+        if getattr(config, "teacher_view", None) is not None:
+            self.teacher_views = (config.teacher_view,)
         missing = [v for v in (*self.student_views, *self.teacher_views) if v not in names]
         if missing:
             raise AlambicError(

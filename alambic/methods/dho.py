@@ -179,10 +179,6 @@ class DHO(Method):
     def student_taps(self) -> list[str]:
         return [self.config.tap]
 
-    def use_views(self, names) -> None:
-        self.student_views, self.teacher_views = (self.config.student_view,), (self.config.teacher_view,)
-        super().use_views(names)
-
     def setup(self, student, teacher, info) -> None:
         feats = student[self.config.student_view].features[self.config.tap]
         logits = student[self.config.student_view].logits

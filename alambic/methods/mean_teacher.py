@@ -72,10 +72,6 @@ class MeanTeacher(Method):
     needs_teacher = True
     uses_unlabeled = True
 
-    def use_views(self, names) -> None:
-        self.student_views, self.teacher_views = (self.config.student_view,), (self.config.teacher_view,)
-        super().use_views(names)
-
     def setup(self, student, teacher, info) -> None:
         self.__dict__["_student"] = info.student if info is not None else None  # a reference, not a submodule
 

@@ -55,10 +55,6 @@ class PseudoLabel(Method):
     needs_teacher = True
     uses_unlabeled = True
 
-    def use_views(self, names) -> None:
-        self.student_views, self.teacher_views = (self.config.student_view,), (self.config.teacher_view,)
-        super().use_views(names)
-
     def forward(self, student, teacher, batch, ctx) -> MethodOutput:
         cfg = self.config
         s, t = student[cfg.student_view].logits, teacher[cfg.teacher_view].logits
