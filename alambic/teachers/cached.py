@@ -21,6 +21,7 @@ Only frozen networks are cached: an EMA or transfer teacher changes every step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -46,8 +47,14 @@ def input_keys(x: Tensor) -> Tensor:
     Equal inputs give equal keys; a changed pixel, a rotation or a permutation of the row changes the key
     (``w`` is random, so no symmetry of the input survives it), which a plain sum would not."""
     flat = x.reshape(len(x), -1).to(torch.float64)
-    w = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(flat.shape[1]), dtype=torch.float64)
-    return (flat * w).sum(1)
+    return (flat * _key_weights(flat.shape[1])).sum(1)
+
+
+@functools.lru_cache(maxsize=8)
+def _key_weights(size: int) -> Tensor:
+    """The fixed random vector of :func:`input_keys` for rows of ``size`` values, drawn once per size (it is
+    asked for on every batch) from a generator seeded with the size."""
+    return torch.randn(size, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
 
 
 class CachedTeacher:
