@@ -59,6 +59,7 @@ from alambic.recipe.load import _deep_copy, apply_override, format_errors, load_
 from alambic.recipe.schema import Recipe, Strict
 from alambic.registry import METHODS
 from alambic.run import SUMMARY, first_difference, is_finished, resolved_again, run
+from alambic.train.state import atomic_write_text
 
 if TYPE_CHECKING:  # the report (matplotlib, scipy) is imported when written, not by every worker process
     from alambic.bench_report import Row
@@ -543,6 +544,4 @@ def _read_failures(out: Path) -> dict[str, str]:
 
 
 def _write_failures(out: Path, failures: dict[str, str]) -> None:
-    tmp = out / f".{FAILURES}.tmp"
-    tmp.write_text(json.dumps(dict(sorted(failures.items())), indent=2))
-    os.replace(tmp, out / FAILURES)
+    atomic_write_text(out / FAILURES, json.dumps(dict(sorted(failures.items())), indent=2))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from alambic.errors import AlambicError, RunDirError
 from alambic.eval.probes import extract_features, knn_accuracy, linear_probe, representation_stats
 from alambic.teachers.ema import EmaTeacher
 from alambic.train.loop import Callback
+from alambic.train.state import atomic_write_text
 
 PROBE_JSON = "probe.json"
 
@@ -93,10 +93,7 @@ def cached_pixel_baseline(data: DataBundle, *, k: int = 20, temperature: float =
     if path.is_file():
         return json.loads(path.read_text())
     result = pixel_baseline(data, k=k, temperature=temperature)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result))
     return result
 
 
@@ -170,9 +167,7 @@ class CollapseWatch(Callback):
         """Keep the window and the warnings with the checkpoint, so a resumed run judges the same windows
         and its summary keeps a warning given before the kill."""
         state = {"step": trainer.step, "window": self._window, "warnings": self.warnings}
-        tmp = path.with_name(f".{self.STATE}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path.with_name(self.STATE))
+        atomic_write_text(path.with_name(self.STATE), json.dumps(state))
 
     def on_fit_start(self, trainer, resumed: bool) -> None:
         run_dir = getattr(trainer, "run_dir", None)
