@@ -42,6 +42,15 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
 
 
+def composed_count(unlabeled: int, batch_size: int, labeled_per_batch: int, drop_last: bool = False) -> int:
+    """Batches in an epoch of composed batches: the unlabelled rows, ``batch_size - labeled_per_batch`` at a
+    time (a last partial batch counts unless ``drop_last``)."""
+    per = batch_size - labeled_per_batch
+    if per < 1 or labeled_per_batch < 1:
+        raise ValueError(f"labeled_per_batch must be in 1..batch_size-1 ({batch_size - 1}), got {labeled_per_batch}")
+    return unlabeled // per if drop_last else math.ceil(unlabeled / per)
+
+
 def composed_batches(labeled: Tensor, batch_size: int, labeled_per_batch: int, seed: int, epoch: int,
                      drop_last: bool = False) -> list[Tensor]:
     """Positions of each batch of epoch ``epoch`` when every batch holds ``labeled_per_batch`` labelled rows.
@@ -52,16 +61,14 @@ def composed_batches(labeled: Tensor, batch_size: int, labeled_per_batch: int, s
     permutations of the labelled set, fresh each epoch, so within an epoch every labelled row is used
     either ⌊m⌋ or ⌈m⌉ times (m = labelled draws / labelled rows). A pure function of (seed, epoch).
     """
-    per = batch_size - labeled_per_batch
-    if per < 1 or labeled_per_batch < 1:
-        raise ValueError(f"labeled_per_batch must be in 1..batch_size-1 ({batch_size - 1}), got {labeled_per_batch}")
     lab = labeled.nonzero().flatten()
     unl = (~labeled).nonzero().flatten()
     if len(lab) == 0 or len(unl) == 0:
         raise ValueError("composed batches need both labelled and unlabelled rows")
+    n = composed_count(len(unl), batch_size, labeled_per_batch, drop_last)
+    per = batch_size - labeled_per_batch
     gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     unl = unl[torch.randperm(len(unl), generator=gen)]
-    n = len(unl) // per if drop_last else math.ceil(len(unl) / per)
     need = n * labeled_per_batch
     stream = torch.cat([lab[torch.randperm(len(lab), generator=gen)] for _ in range(max(1, -(-need // len(lab))))])
     batches = []
@@ -88,10 +95,13 @@ class _EpochLoader:
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
-    def _positions(self, epoch: int, start: int) -> Tensor:
-        """Positions of batches ``start..`` of the epoch (the dropped tail already removed)."""
+    def _check_start(self, start: int) -> None:
         if not 0 <= start <= len(self):
             raise ValueError(f"start must be in 0..{len(self)} (batches per epoch), got {start}")
+
+    def _positions(self, epoch: int, start: int) -> Tensor:
+        """Positions of batches ``start..`` of the epoch (the dropped tail already removed)."""
+        self._check_start(start)
         order = epoch_order(self.n, self.seed, epoch, self.shuffle)
         return order[start * self.batch_size : len(self) * self.batch_size]
 
@@ -115,19 +125,13 @@ class TensorLoader(_EpochLoader):
         if self.labeled_per_batch is not None:
             if not shuffle:
                 raise ValueError("labeled_per_batch needs shuffle=True (composed batches are drawn at random)")
-            if not 1 <= labeled_per_batch < batch_size:
-                raise ValueError(
-                    f"labeled_per_batch must be in 1..batch_size-1 ({batch_size - 1}), got {labeled_per_batch}")
-            per = batch_size - labeled_per_batch
-            n_unl = int((~split.labeled).sum())
-            self._len = n_unl // per if drop_last else math.ceil(n_unl / per)
+            self._len = composed_count(int((~split.labeled).sum()), batch_size, labeled_per_batch, drop_last)
 
     def __len__(self) -> int:
         return self._len if self.labeled_per_batch is not None else super().__len__()
 
     def _composed(self, epoch: int, start: int) -> list[Tensor]:
-        if not 0 <= start <= len(self):
-            raise ValueError(f"start must be in 0..{len(self)} (batches per epoch), got {start}")
+        self._check_start(start)
         assert self.labeled_per_batch is not None
         return composed_batches(self.split.labeled, self.batch_size, self.labeled_per_batch, self.seed, epoch,
                                 self.drop_last)[start:]
