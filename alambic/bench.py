@@ -230,7 +230,7 @@ def plan(suite: Suite, out: Path, *, teacher_ready: bool) -> Plan:
         named[name] = with_cache(named[name], suite.teacher_cache)
     problems: dict[str, set[tuple[str, str]]] = {}
     for setting, method, seed in grid(suite):
-        data, injected = cell_data(suite, method, setting, seed, p.teacher_dir, with_cache(stand_in, suite.teacher_cache))
+        data, injected = cell_data(suite, method, setting, seed, p.teacher_dir, stand_in)
         try:
             _refer_to_teachers(data, named)
         except RecipeError as exc:
@@ -275,13 +275,14 @@ def cell_data(suite: Suite, method: str, setting: str, seed: int, teacher_dir: P
     inject = (teacher_dir is not None and not own_teacher and name in METHODS
               and METHODS.get(name).obj.needs_teacher)
     if inject:
-        data["teacher"] = stand_in if stand_in is not None else with_cache({"run": str(teacher_dir)}, suite.teacher_cache)
+        data["teacher"] = with_cache(stand_in if stand_in is not None else {"run": str(teacher_dir)},
+                                     suite.teacher_cache)
     return data, inject
 
 
-def with_cache(section: dict[str, Any] | None, cache: str) -> dict[str, Any] | None:
+def with_cache(section: dict[str, Any], cache: str) -> dict[str, Any]:
     """A teacher section with the suite's ``teacher_cache`` (unchanged when it is "off")."""
-    return section if section is None or cache == "off" else {**section, "cache": cache}
+    return section if cache == "off" else {**section, "cache": cache}
 
 
 def _refer_to_teachers(data: dict[str, Any], named: dict[str, dict[str, Any]]) -> None:

@@ -81,9 +81,11 @@ def run(
     train = data.train if method_cls.uses_unlabeled else data.train.labeled_only()
     if len(train) == 0:
         raise AlambicError("the training split has no sample this method can use (no labelled sample?)")
-    composed = recipe.train.labeled_per_batch if method_cls.uses_unlabeled and not ssl else None
-    if method_cls.uses_unlabeled and not ssl and composed is None:
-        _hint_composed_batches(train, recipe.train.batch_size)
+    composed = None  # labelled rows per batch: only for a method that reads labels and unlabelled samples
+    if method_cls.uses_unlabeled and not ssl:
+        composed = recipe.train.labeled_per_batch
+        if composed is None:
+            _hint_composed_batches(train, recipe.train.batch_size)
     loader = make_loader(train, recipe.train.batch_size, shuffle=True, seed=recipe.seed, labeled_per_batch=composed)
     if ssl:  # labels never reach a self-supervised method; the probes read them from `data`
         loader = WithoutLabels(loader)
@@ -359,15 +361,16 @@ def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None
     return AnalyticTeacher(estimator)
 
 
-_HINTED: set[str] = set()  # hints already printed by this process (a bench or the quickstart runs many)
+_HINTED = False  # the composed-batch hint was printed by this process (a bench or the quickstart runs many)
 
 
 def _hint_composed_batches(train: Split, batch_size: int) -> None:
     """One line on stderr, once per process, when uniform batches leave a label-reading method few labelled
     rows per batch."""
+    global _HINTED
     share = float(train.labeled.float().mean()) if len(train) else 1.0
-    if 0 < share < 0.25 and share * batch_size < 8 and "composed" not in _HINTED:
-        _HINTED.add("composed")
+    if 0 < share < 0.25 and share * batch_size < 8 and not _HINTED:
+        _HINTED = True
         print(f"note: {share:.0%} of the training samples are labelled, so a uniform batch of {batch_size} holds "
               f"about {share * batch_size:.1f}; try train.labeled_per_batch (at the same train.steps it gained "
               "8-24 points for label-reading methods on glyphs with 5% labels: docs/results/glyphs.md)",

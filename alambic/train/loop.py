@@ -153,7 +153,7 @@ class Trainer:
             self.metrics.truncate_after(self.step)
         elif self.run_dir is not None:
             self.metrics.truncate_after(-1)
-        started = self._clock = time.perf_counter()
+        self._clock = time.perf_counter()
         window = _Window()
         self.status: dict[str, str] = {}  # short "name value" strings callbacks and monitors show in the bar
         with self._progress() as bar:
@@ -194,7 +194,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch, val)
         self.close()
-        return FitResult(self.step, self.epochs, self._earlier_s + time.perf_counter() - started, resumed)
+        return FitResult(self.step, self.epochs, self._earlier_s + time.perf_counter() - self._clock, resumed)
 
     def close(self) -> None:
         if self.student_taps is not None:

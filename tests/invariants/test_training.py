@@ -288,14 +288,14 @@ def test_uniform_batches_with_few_labels_print_a_hint_once_and_composed_ones_do_
 
     run_module = importlib.import_module("alambic.run")  # alambic.run, the attribute, is the function
 
-    monkeypatch.setattr(run_module, "_HINTED", set())
+    monkeypatch.setattr(run_module, "_HINTED", False)
     spec = tiny_recipe(data={"name": "digits", "labeled_fraction": 0.05}, method={"name": "kd"},
                        teacher={"model": {"arch": "mlp", "hidden": [8]}}, train={"epochs": 1, "batch_size": 64})
     run(load_recipe(spec), tmp_path / "uniform", progress=False)
     assert "note: 5% of the training samples are labelled, so a uniform batch of 64 holds about 3" in capsys.readouterr().err
     run(load_recipe(spec), tmp_path / "again", progress=False)
     assert "note:" not in capsys.readouterr().err  # once per process: a bench or the quickstart runs many
-    monkeypatch.setattr(run_module, "_HINTED", set())
+    monkeypatch.setattr(run_module, "_HINTED", False)
     spec["train"]["labeled_per_batch"] = 16
     run(load_recipe(spec), tmp_path / "composed", progress=False)
     assert "note:" not in capsys.readouterr().err
