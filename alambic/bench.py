@@ -534,9 +534,14 @@ def _origin(exc: BaseException) -> str:
     if not frames:
         return "no traceback"
     f = frames[-1]
-    path = Path(f.filename)
-    shown = "/".join(path.parts[path.parts.index("alambic"):]) if "alambic" in path.parts else path.name
-    return f"{shown}:{f.lineno} in {f.name}"
+    return f"{_shown_path(f.filename)}:{f.lineno} in {f.name}"
+
+
+def _shown_path(filename: str) -> str:
+    """``alambic/...`` for a file of this package, found from the package's real location (a checkout may
+    itself be a folder named ``alambic``); the bare file name for any other file."""
+    path, package = Path(filename).resolve(), Path(__file__).resolve().parent
+    return path.relative_to(package.parent).as_posix() if path.is_relative_to(package) else path.name
 
 
 def _read_failures(out: Path) -> dict[str, str]:

@@ -287,3 +287,12 @@ def test_an_unexpected_error_in_a_cell_says_where_it_came_from(tmp_path, monkeyp
     summary, error = run_cell({"name": "x"}, str(tmp_path))
     assert summary is None and "\n" not in error
     assert error.startswith("KeyError: 'features.block1' (test_bench.py:") and "in boom; ALAMBIC_DEBUG=1" in error
+
+
+def test_an_error_origin_is_named_from_the_package_not_from_a_checkout_named_alambic(tmp_path):
+    from alambic.bench import _shown_path
+
+    assert _shown_path(alambic.bench.__file__) == "alambic/bench.py"
+    assert _shown_path(str(Path(alambic.bench.__file__).parent / "train" / "loop.py")) == "alambic/train/loop.py"
+    # a checkout folder named `alambic` holding the tests: its files are not package files
+    assert _shown_path(str(tmp_path / "alambic" / "tests" / "integration" / "test_bench.py")) == "test_bench.py"
