@@ -18,17 +18,23 @@ import math
 import statistics
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Iterable, Protocol
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from alambic.bench import Suite
-
 RESULTS_CSV, RESULTS_MD, PLOT = "results.csv", "results.md", "accuracy.png"
 SIGNIFICANT = 0.05
+
+
+class SuiteLike(Protocol):
+    """What the report reads of a suite (:class:`alambic.bench.Suite` is one): its name and, in order, the
+    names of its settings and methods. A protocol, so that the report never imports the bench that calls it."""
+
+    name: str
+    settings: Iterable[str]
+    methods: Iterable[str]
 
 
 @dataclass
@@ -118,7 +124,7 @@ def _has_scipy() -> bool:
     return importlib.util.find_spec("scipy") is not None
 
 
-def write_outputs(out: Path, suite: "Suite", rows: list[Row], baseline: str | None,
+def write_outputs(out: Path, suite: SuiteLike, rows: list[Row], baseline: str | None,
                   teacher: dict[str, Any] | None, console: Console) -> None:
     settings, methods = list(suite.settings), list(suite.methods)
     stats = summarize(rows, settings, methods, baseline)

@@ -206,7 +206,7 @@ def probe_run(run_dir: str | Path, *, k: int = 20, temperature: float = 0.07, fe
     from alambic.models.heads import DEFAULT_FEATURES
     from alambic.models.zoo import build_model
     from alambic.recipe.load import load_recipe
-    from alambic.run import load_student
+    from alambic.student import load_student
     from alambic.train.seeding import seed_everything
 
     run_dir = Path(run_dir)

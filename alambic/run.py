@@ -36,9 +36,10 @@ from alambic.methods.base import Method
 from alambic.models.heads import DEFAULT_FEATURES, EmbeddingNet
 from alambic.models.zoo import build_model, import_object
 from alambic.probe import CollapseWatch, ProbeCallback, probe_model
-from alambic.recipe.load import dump_recipe, model_spec
+from alambic.recipe.load import dump_recipe
 from alambic.recipe.schema import Recipe, TeacherSpec
 from alambic.registry import METHODS
+from alambic.student import STUDENT_META, STUDENT_WEIGHTS, load_student  # noqa: F401  (load_student: also from here)
 from alambic.teachers.analytic import AnalyticTeacher
 from alambic.teachers.base import Teacher
 from alambic.teachers.cached import CachedTeacher
@@ -49,7 +50,7 @@ from alambic.teachers.transfer import TransferTeacher
 from alambic.train.loop import Callback, Trainer
 from alambic.train.seeding import seed_everything
 
-STUDENT_WEIGHTS, STUDENT_META, SUMMARY = "student.safetensors", "student.json", "summary.json"
+SUMMARY = "summary.json"
 
 
 def run(
@@ -316,20 +317,6 @@ def first_difference(a: Any, b: Any, path: str = "") -> str | None:
 
 
 # -- teachers and students from disk -------------------------------------------------------------------------
-
-
-def load_student(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The finished student of ``run_dir`` (rebuilt from ``student.json``) and that metadata."""
-    run_dir = Path(run_dir)
-    meta_path = run_dir / STUDENT_META
-    if not meta_path.exists():
-        raise RunDirError(f"{run_dir} has no finished student ({meta_path.name} missing): did the run finish?")
-    meta = json.loads(meta_path.read_text())
-    model = build_model(model_spec(meta["arch"], "student.json: arch"), tuple(meta["input_shape"]), meta["num_classes"])
-    if "deploy" in meta:
-        model = METHODS.get(meta["deploy"]["method"]).obj.rebuild(model, meta["deploy"])
-    load_weights(model, run_dir / STUDENT_WEIGHTS)
-    return model, meta
 
 
 def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None = None,

@@ -1,0 +1,67 @@
+"""What a user reads: the probe's refreshed report, the export's check line, progress in a log file, the
+methods listing, the bench and report figures; and two import circles that must stay broken."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import alambic
+
+PACKAGE = Path(alambic.__file__).parent
+
+
+# ---------------------------------------------------------------- import layering
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")[1:]
+    base = PACKAGE.joinpath(*parts) if parts else PACKAGE
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _imports(name: str) -> set[str]:
+    """The alambic modules ``name``'s source imports anywhere: at the top, inside functions, under
+    TYPE_CHECKING. ``from alambic.x import y`` counts as ``alambic.x.y`` when that is a module."""
+    tree = ast.parse(_module_file(name).read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "alambic"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "alambic":
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if _module_file(sub) is not None else node.module)
+    return {m for m in found if m != "alambic"}  # the package itself is imported before any of its modules
+
+
+def _reach(name: str) -> set[str]:
+    """Every alambic module ``name`` imports, directly or through the modules it imports."""
+    seen, todo = set(), [name]
+    while todo:
+        for m in _imports(todo.pop()) - seen:
+            seen.add(m)
+            todo.append(m)
+    return seen
+
+
+@pytest.mark.parametrize("lower, upper", [("alambic.bench_report", "alambic.bench"),
+                                          ("alambic.probe", "alambic.run")])
+def test_lower_module_does_not_import_the_one_that_uses_it(lower, upper):
+    """bench imports bench_report and run imports probe; the other direction closed a circle (bench_report
+    named bench's Suite, probe called run's load_student), even when only lazily or for type checking."""
+    assert lower in _reach(upper)
+    assert upper not in _reach(lower), f"{lower} reaches {upper}: {sorted(_reach(lower))}"
+
+
+def test_load_student_is_one_function_under_both_names():
+    from alambic.run import load_student as from_run
+    from alambic.student import load_student
+
+    assert from_run is load_student is alambic.load_student
