@@ -10,7 +10,7 @@ and, optionally, Hinton KD:
 
 The defaults follow RepDistiller (Tian et al., "Contrastive Representation Distillation", ICLR 2020,
 arXiv:1910.10699), which benchmarks all of them with CE weight 1, no KD and a per-method feature weight
-(the published table is in shared/research/ANCHORS.md). The relation terms need no label, so unlabelled
+(the published table is in docs/anchors.md). The relation terms need no label, so unlabelled
 samples teach through them (``uses_unlabeled``).
 """
 
