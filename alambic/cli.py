@@ -187,12 +187,12 @@ def _listing(args) -> int:
     from alambic.registry import DATASETS, METHODS, MODELS
 
     registry = {"methods": METHODS, "models": MODELS, "datasets": DATASETS}[args.kind]
-    table = Table(title=f"alambic {args.kind}")
-    table.add_column("name", style="bold")
-    table.add_column("description")
+    table = Table(title=f"alambic {args.kind}", expand=args.kind == "methods")
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("description", ratio=3)  # whole sentences: wrapped, never cut
     if args.kind == "methods":
-        table.add_column("teacher")
-        table.add_column("paper")
+        table.add_column("teacher", no_wrap=True)
+        table.add_column("paper", ratio=2)
     for entry in registry:
         row = [entry.name, entry.description]
         if args.kind == "methods":

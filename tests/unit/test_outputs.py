@@ -65,3 +65,53 @@ def test_load_student_is_one_function_under_both_names():
     from alambic.student import load_student
 
     assert from_run is load_student is alambic.load_student
+
+
+# ---------------------------------------------------------------- alambic methods
+
+
+def test_descriptions_are_whole_first_sentences_without_markup():
+    from alambic.registry import METHODS
+
+    # these summaries run over two lines of their docstrings: the first line alone stopped mid-sentence
+    assert METHODS.get("ibot").description.endswith("for each masked patch token within the same view.")
+    assert METHODS.get("mlkd").description.endswith("to its K nearest (linearly mapped) teacher layers.")
+    # ``...`` around a formula is markup, not text
+    assert METHODS.get("kd").description.startswith("(1 − α)·CE(labels) + α·T²·KL(p_T ‖ p_S);")
+    for entry in METHODS:
+        assert entry.description.endswith("."), entry.name
+        assert "`" not in entry.description and ":class:" not in entry.description, entry.name
+        assert "\n" not in entry.description and "  " not in entry.description, entry.name
+
+
+def test_first_sentence_skips_abbreviations_literals_and_roles():
+    from alambic.registry import first_sentence, plain_text
+
+    doc = """Matches *soft* targets of :func:`~alambic.losses.kd_loss` and :class:`alambic.teachers.EmaTeacher`
+    (Hinton et al. 2015, Eq. 3), e.g. ``a.b. c`` on **every** sample. Then a second sentence.
+
+    A second paragraph."""
+    assert first_sentence(doc) == ("Matches soft targets of kd_loss and alambic.teachers.EmaTeacher (Hinton et al. "
+                                   "2015, Eq. 3), e.g. a.b. c on every sample.")
+    assert first_sentence("No period at the end of the\n    first paragraph\n\n    Other.") == (
+        "No period at the end of the first paragraph")
+    assert plain_text("a ``x * y`` times 2*3 and `z`") == "a x * y times 2*3 and z"
+
+
+def test_methods_listing_prints_the_whole_sentence(capsys):
+    from alambic.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":class:" not in out
+    cells: dict[str, list[str]] = {}  # name -> the description cell's lines (a row wraps over several)
+    name = None
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split("│")]
+        if len(parts) < 4:
+            continue
+        name = parts[1] or name
+        cells.setdefault(name, []).append(parts[2])
+    from alambic.registry import METHODS
+
+    assert " ".join(" ".join(cells["ibot"]).split()) == METHODS.get("ibot").description
