@@ -220,6 +220,8 @@ def _probe(args) -> int:
                        baselines=args.baselines)
     print(format_probe(result))
     print(f"wrote {args.run_dir / 'probe.json'}")
+    if result.get("report"):
+        print(f"wrote {result['report']} (with these probes)")
     return 0
 
 

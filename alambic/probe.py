@@ -200,7 +200,8 @@ def probe_run(run_dir: str | Path, *, k: int = 20, temperature: float = 0.07, fe
     recorded (``student.json: features``), ``feature`` overrides it. The student's probe is read from the
     run's summary when it was made with the same feature, k and T. With ``baselines`` the same probes run
     on the raw pixels (cached by data fingerprint: :func:`cached_pixel_baseline`) and on the same
-    architecture at the run's seed before training. The result is written to ``RUN_DIR/probe.json``.
+    architecture at the run's seed before training. The result is written to ``RUN_DIR/probe.json`` and
+    ``RUN_DIR/report.md`` is rendered again so that it shows it; then ``report`` is the report's path.
     """
     from alambic.data.splits import build_data
     from alambic.models.heads import DEFAULT_FEATURES
@@ -230,7 +231,11 @@ def probe_run(run_dir: str | Path, *, k: int = 20, temperature: float = 0.07, fe
         init = build_model(recipe.student, data.input_shape, data.num_classes)
         out["random_init"] = probe_model(init, path, data, k=k, temperature=temperature)
     if write:
-        (run_dir / PROBE_JSON).write_text(json.dumps(out, indent=2))
+        atomic_write_text(run_dir / PROBE_JSON, json.dumps(out, indent=2))
+        if summary_path.is_file():  # the report lists what probe.json holds: render it again, not stale
+            from alambic.report import render_report
+
+            out["report"] = str(render_report(run_dir))
     return out
 
 

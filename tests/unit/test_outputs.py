@@ -115,3 +115,22 @@ def test_methods_listing_prints_the_whole_sentence(capsys):
     from alambic.registry import METHODS
 
     assert " ".join(" ".join(cells["ibot"]).split()) == METHODS.get("ibot").description
+
+
+# ---------------------------------------------------------------- alambic probe --baselines
+
+
+def test_probe_with_baselines_refreshes_the_report(tmp_path, monkeypatch, capsys):
+    from alambic.cli import main
+    from alambic.run import run
+    from tests.integration.test_ssl_probe import byol_recipe
+
+    monkeypatch.setenv("ALAMBIC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "byol"
+    run(byol_recipe(channels=(4, 8), steps=4), out, progress=False)
+    assert "| raw pixels |" not in (out / "report.md").read_text()
+    assert main(["probe", str(out), "--baselines"]) == 0
+    assert f"wrote {out / 'report.md'}" in capsys.readouterr().out
+    report = (out / "report.md").read_text()  # no `alambic report` in between
+    assert "| raw pixels |" in report and "| same network, random init |" in report
+    assert "--baselines`." not in report  # the hint to run them is gone
