@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,25 @@ def fingerprint(*arrays: np.ndarray | Tensor, **settings: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def check_finite(x: Tensor, source: str) -> None:
+    """Refuse inputs holding NaN or inf (one line naming ``source`` and the first bad row): a model trained on
+    them gives NaN losses, and a NaN row still counts in accuracy while making ECE and NLL NaN."""
+    if not x.is_floating_point() or len(x) == 0:
+        return
+    bad = torch.zeros(len(x), dtype=torch.bool)
+    flat = x.reshape(len(x), -1)
+    for start in range(0, len(x), 4096):  # chunks: the mask of a whole large dataset would double its memory
+        bad[start : start + 4096] = ~torch.isfinite(flat[start : start + 4096]).all(1)
+    if bad.any():
+        rows = bad.nonzero().flatten()
+        first = int(rows[0])
+        kind = "NaN" if bool(torch.isnan(flat[first]).any()) else "inf"
+        raise AlambicError(
+            f"{source}: sample {first} holds {kind} ({len(rows)} samples in all hold NaN or inf, after conversion "
+            "to float32): drop or repair them before training"
+        )
+
+
 def normalize_labels(y: np.ndarray, class_names: list[str] | None, where: str) -> tuple[np.ndarray, list[str]]:
     """Integer labels ``0..K-1`` and their class names, from any integer-valued labels.
 
@@ -97,17 +117,22 @@ def normalize_labels(y: np.ndarray, class_names: list[str] | None, where: str) -
     if y.dtype.kind == "b":
         y = y.astype(np.int64)
     elif y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise AlambicError(f"{where}: labels must be integers, got non-integer values of dtype {y.dtype}")
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        if len(bad):
+            raise AlambicError(
+                f"{where}: labels must be integers, but sample {bad[0]} has label {y[bad[0]]!r} "
+                f"({len(bad)} non-integer label(s) of dtype {y.dtype})"
+            )
         y = y.astype(np.int64)
     elif y.dtype.kind not in "iu":
         raise AlambicError(f"{where}: labels must be integers, got dtype {y.dtype}")
     y = y.astype(np.int64)
     if class_names is not None:
-        if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
+        bad = np.flatnonzero((y < 0) | (y >= len(class_names)))
+        if len(bad):
             raise AlambicError(
-                f"{where}: labels span {y.min()}..{y.max()} but {len(class_names)} class_names were given "
-                f"(labels must lie in 0..{len(class_names) - 1})"
+                f"{where}: sample {bad[0]} has label {y[bad[0]]}, outside 0..{len(class_names) - 1} "
+                f"({len(class_names)} class_names were given; {len(bad)} label(s) out of range)"
             )
         return y, list(class_names)
     uniq = np.unique(y)
@@ -180,6 +205,9 @@ def load_npz(options: NpzConfig) -> RawData:
     """Loads without pickle (a data file must not run code). Labels that are not ``0..K-1`` are remapped;
     see :func:`normalize_labels`."""
     path = Path(options.path)
+    if not zipfile.is_zipfile(path):  # np.load would try .npy or pickle (and say "pickled data")
+        raise AlambicError(f"{path}: not a valid .npz (zip) file: save the arrays with numpy.savez "
+                           "(samples x [N, ...], integer labels y [N])")
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = list(f.keys())
@@ -189,8 +217,14 @@ def load_npz(options: NpzConfig) -> RawData:
             x, y = f[options.x_key], f[options.y_key]
     except AlambicError:
         raise
-    except Exception as e:  # not a zip, pickled object arrays, truncated file ...
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # an object array: loading it would unpickle, which may run code
+            raise AlambicError(f"{path}: holds an array of Python objects (pickled), which alambic never loads: "
+                               "save numeric arrays") from None
         raise AlambicError(f"{path}: cannot read as .npz ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a truncated or corrupt zip ...
+        msg = " ".join(str(e).split())
+        raise AlambicError(f"{path}: not a valid .npz (zip) file ({type(e).__name__}: {msg})") from None
     if x.ndim < 2:
         raise AlambicError(f"{path}: '{options.x_key}' must be [N, ...] with at least 2 dims, got shape {x.shape}")
     if x.shape[0] != np.asarray(y).shape[0]:
@@ -200,7 +234,8 @@ def load_npz(options: NpzConfig) -> RawData:
     if x.dtype.kind not in "biuf":
         raise AlambicError(f"{path}: '{options.x_key}' must be numeric, got dtype {x.dtype}")
     y, names = normalize_labels(y, options.class_names, str(path))
-    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf, which bundle() then names
+        x = x.astype(np.float32)
     if options.scale is not None:
         x = x / np.float32(options.scale)
     return _raw(x, y, names, source="npz", x_key=options.x_key, y_key=options.y_key, scale=options.scale)

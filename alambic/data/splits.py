@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from alambic.data.batch import IGNORE_INDEX
-from alambic.data.sources import RawData, fingerprint, normalize_labels
+from alambic.data.sources import RawData, check_finite, fingerprint, normalize_labels
 from alambic.errors import AlambicError, RecipeError
 from alambic.registry import DATASETS
 
@@ -176,14 +176,37 @@ def labeled_mask(y: Tensor | np.ndarray, fraction: float, seed: int) -> Tensor:
     return torch.from_numpy(mask)
 
 
+MIN_EVAL_SAMPLES = 2  # per val and test split: below it accuracy is 0 or 1 and ECE/NLL describe one sample
+
+
 def bundle(
-    raw: RawData, *, val_fraction: float, test_fraction: float, labeled_fraction: float, split_seed: int
+    raw: RawData, *, val_fraction: float, test_fraction: float, labeled_fraction: float, split_seed: int,
+    source: str = "data",
 ) -> DataBundle:
-    """Split a :class:`RawData` (whole groups per split when it has ``groups``); only train is partly labelled."""
+    """Split a :class:`RawData` (whole groups per split when it has ``groups``); only train is partly labelled.
+
+    Refused, with one line naming ``source`` (a file path or a dataset name): inputs holding NaN or inf (the
+    first bad row is named), labels of only one class, and a val or test split of fewer than
+    ``MIN_EVAL_SAMPLES`` samples.
+    """
+    check_finite(raw.x, source)
+    present = torch.unique(raw.y)
+    if len(present) < 2:
+        only = f"label '{raw.class_names[int(present[0])]}'" if len(present) else "no label"
+        raise AlambicError(f"{source}: all {len(raw)} samples have {only} (only one class): "
+                           "a classifier needs at least 2 classes")
     if raw.groups is not None:
         tr, va, te = group_split(raw.groups, val_fraction, test_fraction, split_seed)
     else:
         tr, va, te = stratified_split(raw.y, val_fraction, test_fraction, split_seed)
+    for name, rows, fraction in (("test", te, test_fraction), ("val", va, val_fraction)):
+        if len(rows) < MIN_EVAL_SAMPLES:
+            more = "more groups" if raw.groups is not None else "more samples"
+            raise AlambicError(
+                f"{source}: the {name} split holds {len(rows)} sample(s) ({len(raw)} samples, {name}_fraction "
+                f"{fraction:g}); val and test need at least {MIN_EVAL_SAMPLES} samples each: "
+                f"give {more} or raise {name}_fraction"
+            )
 
     def make(rows: Tensor, labeled: Tensor | None = None) -> Split:
         y = raw.y[rows]
@@ -230,12 +253,14 @@ def build_data(spec: Any) -> DataBundle:
             loc = ".".join(str(p) for p in err["loc"])
             raise RecipeError(f"data.{loc}: {err['msg']}") from None
     raw = entry.obj(options)
+    path = getattr(options, "path", None)
     return bundle(
         raw,
         val_fraction=spec.val_fraction,
         test_fraction=spec.test_fraction,
         labeled_fraction=spec.labeled_fraction,
         split_seed=spec.split_seed,
+        source=str(path) if path is not None else f"dataset '{spec.name}'",
     )
 
 
@@ -272,4 +297,5 @@ def bundle_from_arrays(
         test_fraction=test_fraction,
         labeled_fraction=labeled_fraction,
         split_seed=split_seed,
+        source="bundle_from_arrays: x",
     )
