@@ -8,7 +8,8 @@ One interface for all of them::
     divergence(student_logits, teacher_logits, mask=None, *, temperature=1.0, scale_t2=False,
                num_tokens=None, chunk_size=1024, <the divergence's own parameter>)
 
-- ``student_logits``, ``teacher_logits``: [B, T, V] (or [N, V]), any float dtype; computed in float32.
+- ``student_logits``, ``teacher_logits``: [B, T, V] (or [N, V]), any float dtype; computed in float32
+  (float64 logits in float64), so bf16/fp16 logits lose nothing to a half-precision softmax.
   Position ``t`` holds the distribution over token ``t + 1`` in a causal LM: align (shift) logits and
   the mask before calling, as for cross-entropy.
 - ``mask``: [B, T] (or [N]) bool, True at the tokens that count (the completion tokens). With labels in
@@ -115,10 +116,16 @@ def _tv_rows(log_s: Tensor, log_t: Tensor) -> Tensor:
     return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1)
 
 
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    """float32 for half-precision and float32 logits, float64 for float64 ones."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def _logit_rows(row_fn: RowFn, temperature: float, student: Tensor, teacher: Tensor) -> Tensor:
-    """Raw logits [n, V] (any float dtype) -> float32 log-softmax at temperature τ -> ``row_fn`` -> [n]."""
-    log_s = F.log_softmax(student.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    """Raw logits [n, V] -> log-softmax at temperature τ in float32 (float64 stays) -> ``row_fn`` -> [n]."""
+    dtype = _compute_dtype(student)
+    log_s = F.log_softmax(student.to(dtype) / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.to(dtype) / temperature, dim=-1)
     return row_fn(log_s, log_t)
 
 
@@ -126,15 +133,17 @@ def _logit_rows(row_fn: RowFn, temperature: float, student: Tensor, teacher: Ten
 
 
 def _chunk_sum(rows: Callable[[Tensor, Tensor], Tensor], student: Tensor, teacher: Tensor,
-               index: Tensor | None, chunk_size: int, grad: Tensor | None) -> Tensor:
-    """Σ over the selected rows of ``rows(student_rows, teacher_rows)``, one chunk at a time.
+               index: Tensor | None, weight: Tensor, chunk_size: int, grad: Tensor | None) -> Tensor:
+    """``weight · Σ`` over the selected rows of ``rows(student_rows, teacher_rows)``, a chunk at a time.
 
-    ``student``/``teacher``: [M, V]; ``index``: [N] rows to use (``None``: all M). When ``grad`` (an
-    [M, V] buffer of zeros) is given, each chunk's gradient of its sum with respect to its student rows
-    is written into it; each chunk's graph is freed before the next chunk starts.
+    ``student``/``teacher``: [M, V]; ``index``: [N] rows to use (``None``: all M); ``weight``: a scalar
+    (τ²/num_tokens). When ``grad`` (an [M, V] buffer of zeros) is given, each chunk's gradient of its
+    weighted sum with respect to its student rows is written into it, and the chunk's graph is freed
+    before the next chunk starts. Weighting inside the chunk, in the compute dtype, rounds a half
+    precision gradient once, as plain autograd does.
     """
     n = student.shape[0] if index is None else index.numel()
-    total = torch.zeros((), dtype=torch.float32, device=student.device)
+    total = torch.zeros((), dtype=_compute_dtype(student), device=student.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         if index is None:
@@ -143,11 +152,14 @@ def _chunk_sum(rows: Callable[[Tensor, Tensor], Tensor], student: Tensor, teache
             rows_idx = index[start:stop]
             s, t = student.index_select(0, rows_idx), teacher.index_select(0, rows_idx)
         if grad is None:
-            total += rows(s, t).sum()
+            total += rows(s, t).sum() * weight
             continue
         with torch.enable_grad():
             s = s.detach().requires_grad_(True)
-            part = rows(s, t).sum()
+            part = rows(s, t).sum() * weight
+            if not part.requires_grad:  # a divergence that ignores the student (skew α = 1): zero gradient
+                total += part
+                continue
             (g,) = torch.autograd.grad(part, s)
         if index is None:
             grad[start:stop] = g
@@ -158,18 +170,19 @@ def _chunk_sum(rows: Callable[[Tensor, Tensor], Tensor], student: Tensor, teache
 
 
 class _ChunkedTokenSum(torch.autograd.Function):
-    """Sum of a per-token divergence over the selected rows, with an exact, chunk-wise gradient.
+    """Weighted sum of a per-token divergence over the selected rows, with an exact, chunk-wise gradient.
 
     Forward computes, per chunk, the value and the gradient with respect to that chunk's student rows
-    (a local autograd pass, freed at once); backward scales the stored gradient by the incoming one.
-    The gradient equals plain autograd's over the unchunked computation (same operations, same dtype).
+    (a local autograd pass, freed at once) into one [M, V] buffer, the size of the gradient autograd
+    would produce anyway; backward multiplies it by the incoming gradient (1 for ``loss.backward()``).
+    The gradient is plain autograd's over the unchunked computation: the same operations per row.
     """
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, index: Tensor | None,
+    def forward(ctx, student: Tensor, teacher: Tensor, index: Tensor | None, weight: Tensor,
                 rows: Callable[[Tensor, Tensor], Tensor], chunk_size: int) -> Tensor:
         grad = torch.zeros_like(student)
-        total = _chunk_sum(rows, student, teacher, index, chunk_size, grad)
+        total = _chunk_sum(rows, student, teacher, index, weight, chunk_size, grad)
         ctx.save_for_backward(grad)
         return total
 
@@ -177,7 +190,7 @@ class _ChunkedTokenSum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_total: Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None
 
 
 def _token_divergence(row_fn: RowFn, what: str, student_logits: Tensor, teacher_logits: Tensor,
@@ -218,27 +231,28 @@ def _token_divergence(row_fn: RowFn, what: str, student_logits: Tensor, teacher_
         index = mask.reshape(-1).to(student.device).nonzero().squeeze(1)
         count = index.numel()
 
+    # weight = τ² (optional) / num_tokens, a scalar tensor in the compute dtype
+    dtype = _compute_dtype(student)
+    denom = count if num_tokens is None else num_tokens
+    denom = torch.as_tensor(denom, device=student.device).to(dtype).clamp_min(1)
+    weight = (temperature**2 if scale_t2 else 1.0) / denom
+
     rows = partial(_logit_rows, row_fn, temperature)
     if chunk_size is None:
         s = student if index is None else student.index_select(0, index)
         t = teacher if index is None else teacher.index_select(0, index)
-        total = rows(s, t).sum()
-    elif student.requires_grad and torch.is_grad_enabled():
-        total = _ChunkedTokenSum.apply(student, teacher, index, rows, chunk_size)
-    else:
-        total = _chunk_sum(rows, student, teacher, index, chunk_size, None)
-
-    if scale_t2:
-        total = total * temperature**2
-    denom = count if num_tokens is None else num_tokens
-    if isinstance(denom, Tensor):
-        return total / denom.to(device=total.device, dtype=total.dtype).clamp_min(1)
-    return total / max(float(denom), 1.0)
+        total = rows(s, t).sum() * weight
+        if student.requires_grad and not total.requires_grad:  # skew α = 1 ignores the student: keep a path
+            total = total + 0.0 * s.sum()
+        return total
+    if student.requires_grad and torch.is_grad_enabled():
+        return _ChunkedTokenSum.apply(student, teacher, index, weight, rows, chunk_size)
+    return _chunk_sum(rows, student, teacher, index, weight, chunk_size, None)
 
 
 _SHARED_ARGS = """
     Args:
-        student_logits: [B, T, V] or [N, V], any float dtype (computed in float32).
+        student_logits: [B, T, V] or [N, V], any float dtype (computed in float32; float64 in float64).
         teacher_logits: same shape; treated as a constant.
         mask: [B, T] or [N] bool, True at the tokens that count; ``None``: all. With ``-100`` labels:
             ``labels != IGNORE_INDEX``.
@@ -248,7 +262,8 @@ _SHARED_ARGS = """
             chunks and ranks); default this call's valid count. Clamped to at least 1.
         chunk_size: tokens per chunk (peak memory O(chunk_size × V)); ``None``: unchunked autograd.
     Returns:
-        scalar float32: Σ_tokens Σ_v (...) / num_tokens (× τ² if ``scale_t2``).
+        scalar, float32 (float64 for float64 logits): Σ_tokens Σ_v (...) / num_tokens (× τ² if
+        ``scale_t2``). The gradient w.r.t. the student logits has their dtype.
 """
 
 
