@@ -228,7 +228,7 @@ def _probe(args) -> int:
 def _export(args) -> int:
     from alambic.export.run import export_run
 
-    path = export_run(args.run_dir, args.format, args.out)
+    path = export_run(args.run_dir, args.format, args.out, say=print)
     print(f"wrote {path}")
     return 0
 

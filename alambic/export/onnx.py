@@ -12,7 +12,9 @@ ways that do not raise (a size baked in as a constant, an operator translated wi
 the file is run with onnxruntime on ``example_input`` and on a batch of another size, and compared with
 the eager model under ``atol``/``rtol`` (``|onnx - eager| <= atol + rtol * |eager|``, as
 :func:`numpy.allclose`); any disagreement raises :class:`AlambicError` with the largest absolute
-difference.
+difference. :func:`export_onnx_checked` also returns what the check found (:class:`OnnxCheck`), for a
+command to print; with ``require_onnxruntime=False`` a missing onnxruntime skips the check (and says so)
+instead of failing the export.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import io
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 from alambic.errors import AlambicError
 from alambic.eval.classification import eval_mode
 
-__all__ = ["export_onnx"]
+__all__ = ["OnnxCheck", "export_onnx", "export_onnx_checked"]
 
 _EXTRA = "ONNX export needs the optional extra: pip install 'alambic[onnx]'"
 _INPUT, _OUTPUT = "input", "logits"
@@ -40,13 +43,39 @@ _INPUT, _OUTPUT = "input", "logits"
 _EXTERNAL_DATA_BYTES = 1 << 30
 
 
-def _require_onnx():
+@dataclass(frozen=True)
+class OnnxCheck:
+    """What the onnxruntime check of an export found: the batches compared, the largest absolute
+    difference from the eager model and the tolerance; or, when it did not run, why (``skipped``)."""
+
+    batch_sizes: tuple[int, ...] = ()
+    max_abs_diff: float | None = None
+    atol: float = 0.0
+    rtol: float = 0.0
+    runtime: str = ""  # onnxruntime's version
+    skipped: str | None = None
+
+    def __str__(self) -> str:
+        if self.skipped is not None:
+            return f"not checked against PyTorch: {self.skipped}"
+        sizes = " and ".join(str(n) for n in self.batch_sizes)
+        return (f"checked with onnxruntime {self.runtime} on {len(self.batch_sizes)} inputs (batches of {sizes}): "
+                f"max |Δ| {self.max_abs_diff:.2g} (tolerance {self.atol:g} + {self.rtol:g}·|eager|)")
+
+
+def _require_onnx(require_onnxruntime: bool = True):
+    """onnxruntime, or None when it is missing and not required; onnx and onnxscript are always needed."""
     try:
         import onnx  # noqa: F401  (the exporter needs it)
-        import onnxruntime
         import onnxscript  # noqa: F401  (the dynamo exporter translates through it)
     except ImportError as e:
         raise AlambicError(_EXTRA) from e
+    try:
+        import onnxruntime
+    except ImportError as e:
+        if require_onnxruntime:
+            raise AlambicError(_EXTRA) from e
+        return None
     return onnxruntime
 
 
@@ -80,7 +109,9 @@ def _eager(model: nn.Module, x: Tensor) -> np.ndarray:
     return out.detach().cpu().float().numpy()
 
 
-def _compare(session, model: nn.Module, x: Tensor, *, atol: float, rtol: float) -> None:
+def _compare(session, model: nn.Module, x: Tensor, *, atol: float, rtol: float) -> float:
+    """The largest absolute difference between onnxruntime and the eager model on ``x``; raises beyond
+    the tolerance."""
     expected = _eager(model, x)
     (got,) = session.run(None, {_INPUT: x.detach().cpu().numpy()})
     if got.shape != expected.shape:
@@ -94,6 +125,7 @@ def _compare(session, model: nn.Module, x: Tensor, *, atol: float, rtol: float) 
             f"export_onnx: the exported model disagrees with the eager model on a batch of {x.shape[0]}: "
             f"max abs difference {float(diff.max()):.3g} (atol={atol}, rtol={rtol})"
         )
+    return float(diff.max()) if diff.size else 0.0
 
 
 def export_onnx(
@@ -112,7 +144,22 @@ def export_onnx(
     default opset. Returns the path. The eager reference runs on the model's device, onnxruntime on the
     CPU. A file that fails its check is deleted, so it cannot be shipped by mistake.
     """
-    ort = _require_onnx()
+    return export_onnx_checked(model, example_input, path, atol=atol, rtol=rtol, opset=opset)[0]
+
+
+def export_onnx_checked(
+    model: nn.Module,
+    example_input: Tensor,
+    path: str | os.PathLike,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    opset: int | None = None,
+    require_onnxruntime: bool = True,
+) -> tuple[Path, OnnxCheck]:
+    """:func:`export_onnx`, returning also what the check found. Without onnxruntime and with
+    ``require_onnxruntime=False`` the file is exported unchecked and the :class:`OnnxCheck` says why."""
+    ort = _require_onnx(require_onnxruntime)
     if not isinstance(example_input, Tensor) or example_input.dim() < 1 or example_input.shape[0] < 1:
         raise AlambicError("export_onnx: example_input must be a tensor with a non-empty leading batch dimension")
     path = Path(path)
@@ -136,12 +183,15 @@ def export_onnx(
         except Exception as e:  # the exporter raises many types; the user needs the message
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise AlambicError(f"export_onnx: torch.onnx.export failed for {type(model).__name__}: {first_line}") from e
+        if ort is None:
+            return path, OnnxCheck(atol=atol, rtol=rtol, skipped="onnxruntime is not installed "
+                                   "(pip install onnxruntime, or pip install 'alambic[onnx]')")
         try:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             device = next((p.device for p in model.parameters()), example_input.device)
-            for x in (example_input, _other_batch(example_input)):
-                _compare(session, model, x.to(device), atol=atol, rtol=rtol)
+            batches = (example_input, _other_batch(example_input))
+            worst = max(_compare(session, model, x.to(device), atol=atol, rtol=rtol) for x in batches)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-    return path
+    return path, OnnxCheck(tuple(int(x.shape[0]) for x in batches), worst, atol, rtol, ort.__version__)

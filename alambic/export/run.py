@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from alambic.run import load_student
 
 
-def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> Path:
+def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None,
+               say: Callable[[str], None] | None = None) -> Path:
+    """Export the student of ``run_dir``; ``say`` receives a line on how the ONNX file was checked."""
     run_dir = Path(run_dir)
     model, meta = load_student(run_dir)
     if meta.get("features"):  # a self-supervised run: what it learned is the representation, not logits
@@ -27,9 +30,13 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
         path = Path(out) if out else run_dir / "export" / "student.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         return export_safetensors(model, path, metadata={"alambic": json.dumps(meta)})
-    from alambic.export.onnx import export_onnx
+    from alambic.export.onnx import export_onnx_checked
 
     path = Path(out) if out else run_dir / "export" / "student.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(2, *meta["input_shape"], generator=torch.Generator().manual_seed(0))
-    return export_onnx(model, example, path)
+    # without onnxruntime the file is exported unchecked, and `say` tells so
+    path, check = export_onnx_checked(model, example, path, require_onnxruntime=say is None)
+    if say is not None:
+        say(str(check))
+    return path

@@ -134,3 +134,29 @@ def test_probe_with_baselines_refreshes_the_report(tmp_path, monkeypatch, capsys
     report = (out / "report.md").read_text()  # no `alambic report` in between
     assert "| raw pixels |" in report and "| same network, random init |" in report
     assert "--baselines`." not in report  # the hint to run them is gone
+
+
+# ---------------------------------------------------------------- alambic export
+
+
+def test_export_prints_the_onnxruntime_check_or_why_it_was_skipped(teacher_run, tmp_path, monkeypatch, capsys):
+    import re
+    import sys
+
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from alambic.cli import main
+
+    assert main(["export", str(teacher_run), "--out", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"checked with onnxruntime \S+ on 2 inputs \(batches of 2 and 4\): max \|Δ\| (\S+) "
+                  r"\(tolerance 0\.0001 \+ 0\.001·\|eager\|\)", out)
+    assert m, out
+    assert 0 <= float(m.group(1)) <= 1e-4
+    assert f"wrote {tmp_path / 'm.onnx'}" in out
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    assert main(["export", str(teacher_run), "--out", str(tmp_path / "unchecked.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "not checked against PyTorch: onnxruntime is not installed" in out, out
+    assert (tmp_path / "unchecked.onnx").stat().st_size > 1000
