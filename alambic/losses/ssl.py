@@ -11,6 +11,7 @@ SwAV's Sinkhorn sums) these compute it over the local batch only.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -255,10 +256,14 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
     1/K each and the samples to 1/B each; finally rows are scaled to sum to 1. After a few iterations the
     column sums are ≈ B/K (exactly so only in the limit).
 
-    For numerical stability each row's maximum is subtracted before the exponential. That multiplies each
-    sample's row by a positive constant, which Sinkhorn's ``Diag(u)`` absorbs (the limit is unchanged), and
-    it makes the codes exactly invariant to a per-sample shift of the scores. Zero sums are guarded so an
-    underflowed prototype gets no mass instead of NaN. Single-process: SwAV all-reduces the sums over GPUs.
+    The iterations run in the log domain (``logsumexp`` instead of sums of exponentials): every step is
+    the paper's algorithm exactly, rewritten as ``log Q ← log Q − log(sum) − log K`` etc., so the codes
+    equal the unstabilised float64 algorithm on moderate scores and stay finite where ``exp(scores/ε)``
+    overflows (``|scores|/ε`` above ~88 in float32), and no sample's row can underflow to all zeros. Do not
+    subtract each *row's* maximum before the exponential: SwAV's first normalisation is over the whole
+    matrix and the next over each prototype, so a per-sample factor is not absorbed in 3 iterations (codes
+    moved by up to ~0.3); only a global or per-prototype shift of the scores is a no-op. Single-process:
+    SwAV all-reduces the sums over GPUs.
 
     Args:
         scores: [B, K] sample-prototype similarities (cosines in SwAV); treated as constants.
@@ -276,15 +281,13 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
     if iterations < 1:
         raise AlambicError(f"{what}: iterations must be >= 1, got {iterations}")
     work_dtype = torch.promote_types(scores.dtype, torch.float32)
-    s = scores.detach().to(work_dtype)
-    q = torch.exp((s - s.max(dim=1, keepdim=True).values) / epsilon)  # [B, K], each row's max is 1
-    b, k = q.shape
-    tiny = torch.finfo(work_dtype).tiny
-    q = q / q.sum()
+    log_q = scores.detach().to(work_dtype) / epsilon  # [B, K]: log exp(scores/ε)
+    b, k = log_q.shape
+    log_q = log_q - torch.logsumexp(log_q.flatten(), dim=0)  # Q /= sum(Q)
     for _ in range(iterations):
-        q = q / (q.sum(dim=0, keepdim=True).clamp_min(tiny) * k)  # each prototype: mass 1/K
-        q = q / (q.sum(dim=1, keepdim=True).clamp_min(tiny) * b)  # each sample: mass 1/B
-    return (q * b).to(scores.dtype)
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(k)  # each prototype: 1/K
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(b)  # each sample: 1/B
+    return torch.exp(log_q + math.log(b)).to(scores.dtype)
 
 
 def swapped_prediction_loss(scores_a: Tensor, scores_b: Tensor, codes_a: Tensor, codes_b: Tensor,

@@ -292,17 +292,20 @@ def test_sinkhorn_rows_sum_to_one_and_columns_equipartition():
         assert codes.shape == (b, k) and not codes.requires_grad
         close(codes.sum(1), torch.ones(b), rtol=0, atol=1e-5)
         errors[iterations] = (codes.sum(0) - b / k).abs().max().item()
-    # SwAV's 3 iterations already move most of the way; at ε = 0.05 on cosines 20 reach 1% of B/K
-    assert errors[3] < 0.5 * raw_error
+    # SwAV's 3 iterations move part of the way (from 0.74 to 0.40 of B/K here: its first normalisation is
+    # over the whole matrix, not per sample); at ε = 0.05 on cosines 20 reach 1% of B/K
+    assert errors[3] < 0.75 * raw_error
     assert errors[20] < 0.01 * b / k, errors
 
 
-def test_sinkhorn_invariant_to_per_row_shift_and_stable():
+def test_sinkhorn_invariant_to_per_prototype_shift_and_stable():
+    # a per-prototype factor exp(c_k/ε) is absorbed by the first per-prototype normalisation (SwAV Alg. 1);
+    # a per-sample one is not (tests/unit/test_loss_references.py checks the codes against the algorithm)
     torch.manual_seed(1)
     scores = torch.randn(16, 4, dtype=torch.float64)
-    shift = torch.randn(16, 1, dtype=torch.float64) * 100
+    shift = torch.randn(1, 4, dtype=torch.float64) * 100
     close(sinkhorn(scores + shift), sinkhorn(scores), rtol=0, atol=1e-12)
-    big = sinkhorn(torch.randn(16, 4) * 50)  # exp(1000) would overflow without the max subtraction
+    big = sinkhorn(torch.randn(16, 4) * 50)  # exp(1000) would overflow in the plain algorithm
     assert torch.isfinite(big).all()
     with pytest.raises(ShapeMismatchError, match="sinkhorn"):
         sinkhorn(torch.randn(2, 3, 4))
