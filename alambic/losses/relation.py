@@ -38,6 +38,11 @@ def _same_batch(student: Tensor, teacher: Tensor, what: str) -> None:
 def sp_similarity(feature: Tensor) -> Tensor:
     """SP's batch similarity ``G = row_L2_normalise(F Fᵀ)`` with F the features flattened to [B, D].
 
+    Tung & Mori, ICCV 2019, arXiv:1907.09682, Eq. (2): ``G_[i,:] = G̃_[i,:] / ‖G̃_[i,:]‖₂``, a row-wise
+    **L2** normalisation, and it is deliberate here. Some reimplementations (torchdistill's
+    ``normalize(G, 1)``, i.e. ``p=1``) divide each row by its L1 norm instead: a different loss, not the
+    paper's; do not "fix" this to match them (tests/unit/test_loss_references.py pins Eq. 2).
+
     Args: feature: [B, ...]. Returns: [B, B], each row of unit L2 norm (a zero row stays zero).
     """
     f = feature.flatten(1)
