@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from alambic.data.batch import Batch
@@ -31,6 +30,7 @@ from alambic.teachers.base import Teacher
 from alambic.teachers.frozen import model_outputs
 from alambic.train import state as st
 from alambic.train.metrics import MetricsLog
+from alambic.train.progress import training_progress
 from alambic.train.schedules import lr_schedule
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -158,7 +158,7 @@ class Trainer:
         self.status: dict[str, str] = {}  # short "name value" strings callbacks and monitors show in the bar
         with self._progress() as bar:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, loss=float("nan"), sps=0.0,
-                                status="")
+                                status="", epoch=epoch + 1, epochs=self.epochs)
             for cb in self.callbacks:
                 cb.on_fit_start(self, resumed is not None)
             while epoch < self.epochs:
@@ -176,7 +176,7 @@ class Trainer:
                         self.metrics.write(record)
                         self.status.update({k: f"{v:.3g}" for k, v in record.get("monitors", {}).items()})
                         bar.update(task, loss=record["loss"], sps=record["samples_per_s"], status=self._status())
-                    bar.update(task, advance=1)  # the status text changes only at a metric line
+                    bar.update(task, advance=1, epoch=epoch + 1)  # the status text changes only at a metric line
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and pos < self.steps_per_epoch:
                         self.save_checkpoint(epoch, pos)
                     for cb in self.callbacks:
@@ -188,7 +188,7 @@ class Trainer:
                     val = self.val_fn(self.student)
                     self.metrics.write({"split": "val", "step": self.step, "epoch": epoch + 1, **val})
                     bar.update(task, description=f"epoch {epoch + 1}/{self.epochs} · val acc "
-                                                 f"{val.get('accuracy', float('nan')):.3f}")
+                                                 f"{val.get('accuracy', float('nan')):.3f}", val_acc=val.get("accuracy"))
                 epoch, pos = epoch + 1, 0
                 self.save_checkpoint(epoch, pos)
                 for cb in self.callbacks:
@@ -270,12 +270,8 @@ class Trainer:
         return " ".join(f"{k} {v}" for k, v in self.status.items())
 
     def _progress(self):
-        return Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:,.0f} samples/s"),
-            TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not self.show_progress,
-            transient=False,
-        )
+        """A bar on a terminal, plain lines in a log (:mod:`alambic.train.progress`), nothing when off."""
+        return training_progress(self.show_progress)
 
 
 def _num_samples(loader) -> int:

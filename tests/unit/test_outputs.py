@@ -160,3 +160,116 @@ def test_export_prints_the_onnxruntime_check_or_why_it_was_skipped(teacher_run, 
     out = capsys.readouterr().out
     assert "not checked against PyTorch: onnxruntime is not installed" in out, out
     assert (tmp_path / "unchecked.onnx").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- progress
+
+
+class _CtrlC:
+    """A callback that acts like the user pressing Ctrl-C after step ``at``: the terminal echoes ``^C``
+    (written to ``echo``, if given) and Python raises KeyboardInterrupt."""
+
+    def __init__(self, at: int, echo=None):
+        self.at, self.echo = at, echo
+
+    def on_fit_start(self, trainer, resumed):
+        pass
+
+    def on_epoch_end(self, trainer, epoch, val):
+        pass
+
+    def on_checkpoint(self, trainer, path):
+        pass
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.at:
+            if self.echo is not None:
+                self.echo.write("^C")
+            raise KeyboardInterrupt
+
+
+def _tiny(epochs: int = 2):
+    from alambic.recipe import load_recipe
+    from tests.conftest import tiny_recipe
+
+    return load_recipe(tiny_recipe(train={"epochs": epochs, "batch_size": 64, "lr": 0.01, "log_every": 5}))
+
+
+def test_progress_into_a_log_is_whole_lines_about_every_tenth(tmp_path, capsys):
+    from alambic.run import run
+
+    run(_tiny(epochs=4), tmp_path / "run", progress=True)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
+    total = int(lines[-1].split()[1].split("/")[1])
+    steps = [int(x.split()[1].split("/")[0]) for x in lines]
+    assert steps[-1] == total and 8 <= len(lines) <= 11, lines  # about every tenth, the last step always
+    assert lines[-1].startswith(f"step {total}/{total} · epoch 4/4 · loss ")
+    assert "samples/s · val acc 0." in lines[-1]  # the validation of epoch 3
+    assert all("…" not in x and "━" not in x for x in lines)  # no bar, nothing cut
+
+
+def test_an_interrupted_run_prints_where_it_stopped_once(tmp_path, capsys):
+    from alambic.run import run
+
+    with pytest.raises(KeyboardInterrupt):
+        run(_tiny(), tmp_path / "run", progress=True, callbacks=[_CtrlC(at=7)])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
+    assert lines[-1].startswith("step 7/") and lines[-1].endswith("(interrupted)"), lines
+    assert len(lines) == len(set(lines)) and sum(x.startswith("step 7/") for x in lines) == 1, lines
+
+
+def _screen(text: str, width: int) -> list[str]:
+    """The rows a terminal of ``width`` columns shows for ``text``: enough of VT100 for rich's live
+    display (carriage return, line feed, erase line, cursor up, colours), with the terminal's pending
+    wrap: a character written after the last column starts a new row."""
+    import re
+
+    rows, row, col = [[]], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|.", text, flags=re.S):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+        elif token.startswith("\x1b["):
+            if token == "\x1b[2K":
+                rows[row] = []
+            elif token.endswith("A"):
+                row = max(0, row - int(token[2:-1] or 1))
+            continue  # colours, cursor visibility
+        else:
+            if col >= width:  # pending wrap
+                row, col = row + 1, 0
+            while len(rows) <= row:
+                rows.append([])
+            line = rows[row] + [" "] * max(0, col - len(rows[row]))
+            line[col:col + 1] = [token]
+            rows[row], col = line, col + 1
+        while len(rows) <= row:
+            rows.append([])
+    return ["".join(r).rstrip() for r in rows]
+
+
+def test_ctrl_c_on_a_terminal_leaves_one_copy_of_the_bar(tmp_path, monkeypatch):
+    """The terminal echoes ^C after the bar; on a full-width bar that wrapped, and rich's last refresh
+    repainted the bar on the new row, below the old one."""
+    import io
+    import sys
+
+    from alambic.run import run
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TERM", "xterm-256color")
+    for name in ("NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        run(_tiny(), tmp_path / "run", progress=True, callbacks=[_CtrlC(at=30, echo=term)])
+    screen = _screen(term.getvalue(), 80)
+    bars = [r for r in screen if "loss" in r]
+    assert len(bars) == 1, screen
+    assert "30/" in bars[0]
