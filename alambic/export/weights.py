@@ -7,7 +7,14 @@ contiguous, detached CPU clone of every entry. Tied weights are thus written onc
 file loadable with a plain ``safetensors.torch.load_file`` + ``load_state_dict(strict=True)`` anywhere.
 
 Files are written atomically (a temporary file in the same directory, then :func:`os.replace`), so an
-interrupted export never leaves a truncated file under the final name.
+interrupted export never leaves a truncated file under the final name; a failed write (a full disk) is a
+one-line :class:`~alambic.errors.WriteError` naming the file.
+
+Integrity: the header carries a digest of every tensor and of the metadata (:mod:`alambic.integrity`, under
+``alambic.digest``, which plain safetensors readers ignore). :func:`load_weights` checks it and refuses a
+bit-flipped or edited file with an :class:`~alambic.errors.IntegrityError` naming it and the damaged
+tensor. A file without a digest (a student.safetensors of an older alambic, or weights from another tool)
+is accepted as it is: there is nothing to check it against.
 """
 
 from __future__ import annotations
@@ -17,12 +24,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _save_bytes
 from torch import Tensor, nn
 
-from alambic.errors import AlambicError
+from alambic.errors import AlambicError, WriteError
+from alambic.integrity import verify, with_digest
 
 __all__ = ["export_safetensors", "load_weights", "serialize", "state_dict_tensors"]
 
@@ -56,8 +63,15 @@ def _metadata(metadata: dict[str, str] | None) -> dict[str, str]:
 
 
 def serialize(model: nn.Module, metadata: dict[str, str] | None = None) -> bytes:
-    """The exact bytes :func:`export_safetensors` writes for ``model`` (and ``metadata``)."""
-    return _save_bytes(state_dict_tensors(model), metadata=_metadata(metadata))
+    """The exact bytes :func:`export_safetensors` writes for ``model`` (and ``metadata``, plus the digest)."""
+    tensors = state_dict_tensors(model)
+    return _save_bytes(tensors, metadata=with_digest(tensors, _metadata(metadata)))
+
+
+def _write_file(fh, data: bytes) -> None:
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
@@ -67,19 +81,22 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
     """
     path = Path(path)
     data = serialize(model, metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            _write_file(f, data)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(exc, OSError):
+            kept = "the previous file is intact" if path.exists() else "nothing was written"
+            raise WriteError(f"could not write {path}: {exc.strerror or exc}; {kept}") from None
         raise
     return path
 
@@ -100,9 +117,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not path.is_file():
         raise AlambicError(f"load_weights: {path} not found")
     try:
-        loaded = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            header = fh.metadata() or {}
+            loaded = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise AlambicError(f"load_weights: {path} is not a readable safetensors file ({e})") from e
+    verify(loaded, header, path, "load_weights: weights file")
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in loaded)
     unexpected = sorted(k for k in loaded if k not in expected)

@@ -14,7 +14,11 @@ summation order may).
 With ``path`` the cache persists across runs (the benchmark's seeds and methods share one teacher): it is
 loaded at start and written at :meth:`close` (atomically, so parallel workers never read a torn file).
 The file name carries the teacher's fingerprint, the data's fingerprint and the taps; a file whose
-manifest disagrees with its name is refused with an error that names it.
+manifest disagrees with its name is refused with an error that names it. The file also carries a digest of
+every stored tensor and of the manifest (:mod:`alambic.integrity`): a damaged file (a flipped bit, a torn
+copy, no digest because an older alambic wrote it) is never served: its rows are computed again and the file
+rewritten, with one line on stderr naming it. The cache folder and file are never writable by other users
+(:mod:`alambic.cache_dir`), who could otherwise poison every later run's teacher outputs.
 
 Only frozen networks are cached: an EMA or transfer teacher changes every step.
 """
@@ -25,20 +29,23 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from alambic.cache_dir import make_dirs
 from alambic.data.batch import INPUT, Batch
-from alambic.errors import AlambicError
+from alambic.errors import AlambicError, WriteError
 from alambic.teachers.base import ModelOutput
 
 CACHE_VERSION = 1
 # relative tolerance on input keys: far above float64 rounding of one dot product, far below what any
 # changed pixel moves a key by (|w_j| ~ 1 times the change)
 KEY_TOLERANCE = 1e-9
+_REPORTED: set[str] = set()  # damaged cache files already named on stderr by this process
 
 
 def input_keys(x: Tensor) -> Tensor:
@@ -112,7 +119,10 @@ class CachedTeacher:
         Closing removes the wrapped teacher's taps, so from here on the cache serves logits only (what the
         evaluation after training reads) and writes nothing more to disk."""
         if self.folder is not None and self._dirty:
-            self.save()
+            try:
+                self.save()
+            except WriteError as exc:  # a cache only saves time: the run goes on without it
+                print(f"note: {exc}; the run goes on, the next one computes the teacher again", file=sys.stderr)
         if hasattr(self.teacher, "close"):
             self.teacher.close()
         self.taps, self.folder = (), None
@@ -174,7 +184,9 @@ class CachedTeacher:
         from alambic.train.state import atomic_save
 
         assert self.file is not None
-        atomic_save({"filled": self.filled, "keys": self.keys, **self.store}, self._manifest(), self.file)
+        make_dirs(self.file.parent)  # never group- or world-writable, whatever the umask
+        atomic_save({"filled": self.filled, "keys": self.keys, **self.store}, self._manifest(), self.file,
+                    what="teacher cache")
         os.chmod(self.file, 0o644)  # shared by every run (and user) of this teacher and data, like the glyph cache
         self._dirty = False
         return self.file
@@ -182,7 +194,14 @@ class CachedTeacher:
     def _load(self, file: Path) -> None:
         from alambic.train.state import load
 
-        tensors, meta = load(file)
+        try:
+            tensors, meta = load(file, what="teacher cache", require_digest=True)
+        except AlambicError as exc:  # damaged, torn or unverifiable: recompute (never serve) and rewrite it
+            if str(file) not in _REPORTED:
+                _REPORTED.add(str(file))
+                print(f"note: {exc}; recomputing its rows and rewriting it", file=sys.stderr)
+            self._dirty = True
+            return
         want = self._manifest()
         if meta != want:
             diff = sorted(k for k in want if meta.get(k) != want[k])
