@@ -80,6 +80,7 @@ class Trainer:
         self.student_taps = Taps(student, method.student_taps()).attach() if method.student_taps() else None
         if teacher is not None and hasattr(teacher, "use_taps"):
             teacher.use_taps(method.teacher_taps())
+        self.teacher_fingerprint = _resume_fingerprint(teacher)  # before anything can move a teacher
         self.steps_per_epoch = len(train_loader)
         self.epochs, self.total_steps = cfg.plan(self.steps_per_epoch)
         self.info = self._setup_method()
@@ -95,6 +96,7 @@ class Trainer:
         self.step = 0
         self._clock: float | None = None  # perf_counter at the start of this fit()
         self._earlier_s = 0.0  # training seconds of earlier attempts, read from the checkpoint on resume
+        self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (written or resumed from)
 
     # -- one step ---------------------------------------------------------------------------------------
 
@@ -123,7 +125,8 @@ class Trainer:
         if not math.isfinite(loss):
             bad = next((k for k, v in terms.items() if not math.isfinite(float(v))), "loss")
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(ctx.step + 1, bad, float(terms.get(bad, total)))
+            kept = str(self.checkpoint_path) if self.checkpoint_step is not None else None
+            raise NonFiniteLossError(ctx.step + 1, bad, float(terms.get(bad, total)), kept, self.checkpoint_step)
         if self.cfg.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.clip_grad_norm
@@ -226,28 +229,42 @@ class Trainer:
         meta = {"step": self.step, "epoch": epoch, "pos": pos, "optim": opt_m, "rng": rng_m,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "wall_time_s": round(wall, 3)}
+        if self.teacher_fingerprint is not None:
+            meta["teacher"] = self.teacher_fingerprint
         st.atomic_save(tensors, meta, path)
+        self.checkpoint_step = self.step
         for cb in self.callbacks:
             cb.on_checkpoint(self, path)
 
     def load_checkpoint(self, path: Path) -> tuple[int, int]:
-        tensors, meta = st.load(path)
-        if meta.get("total_steps") != self.total_steps:
-            from alambic.errors import RunDirError
+        """Restore the state :meth:`save_checkpoint` wrote; returns (epoch, position in it).
 
-            raise RunDirError(
-                f"checkpoint {path} was made for {meta.get('total_steps')} steps, this run has "
-                f"{self.total_steps}: the recipe or data changed since (start a new run directory)"
-            )
-        self.student.load_state_dict(st.unprefixed("student", tensors))
-        self.method.load_state_dict(st.unprefixed("method", tensors))
-        st.load_optimizer_state(self.optimizer, st.unprefixed("optim", tensors), meta["optim"])
-        if self.teacher is not None and hasattr(self.teacher, "load_state_tensors"):
-            self.teacher.load_state_tensors(st.unprefixed("teacher", tensors))
-        st.set_rng_state(st.unprefixed("rng", tensors), meta["rng"])
-        self.step = int(meta["step"])
+        The file is verified against its digest (:func:`~alambic.train.state.load`) and checked against this
+        run (:func:`~alambic.train.state.check_checkpoint`: metadata, tensor names and shapes, the teacher's
+        fingerprint) before anything is restored; whatever still fails to load is a one-line
+        :class:`~alambic.errors.CheckpointError` naming the file, never a traceback."""
+        tensors, meta = st.load(path)
+        stateful = self.teacher is not None and hasattr(self.teacher, "load_state_tensors")
+        st.check_checkpoint(path, tensors, meta, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                            epochs=self.epochs, optimizer=self.optimizer,
+                            modules={"student": self.student, "method": self.method},
+                            teacher_fingerprint=self.teacher_fingerprint)
+        try:
+            self.student.load_state_dict(st.unprefixed("student", tensors))
+            self.method.load_state_dict(st.unprefixed("method", tensors))
+            st.load_optimizer_state(self.optimizer, st.unprefixed("optim", tensors), meta["optim"])
+            if stateful:
+                self.teacher.load_state_tensors(st.unprefixed("teacher", tensors))
+            st.set_rng_state(st.unprefixed("rng", tensors), meta["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            from alambic.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: "
+                                  f"{st.one_line(exc)})") from None
+        self.step = meta["step"]
+        self.checkpoint_step = self.step
         self._earlier_s = float(meta.get("wall_time_s", 0.0))
-        return int(meta["epoch"]), int(meta["pos"])
+        return meta["epoch"], meta["pos"]
 
     # -- helpers ----------------------------------------------------------------------------------------
 
@@ -272,6 +289,15 @@ class Trainer:
     def _progress(self):
         """A bar on a terminal, plain lines in a log (:mod:`alambic.train.progress`), nothing when off."""
         return training_progress(self.show_progress)
+
+
+def _resume_fingerprint(teacher: Teacher | None) -> str | None:
+    """The teacher's fingerprint as the run starts, recorded in every checkpoint so that ``--resume`` refuses
+    another teacher (a teacher run replaced under the same path). None without a teacher, and for a teacher
+    whose changing state the checkpoint itself restores (an EMA teacher's ``state_tensors``)."""
+    if teacher is None or hasattr(teacher, "state_tensors") or not hasattr(teacher, "fingerprint"):
+        return None
+    return str(teacher.fingerprint())
 
 
 def _num_samples(loader) -> int:
