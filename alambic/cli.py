@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--format", choices=["onnx", "safetensors"], default="onnx")
     e.add_argument("--out", type=Path, default=None, help="output file (default: in the run directory)")
+    e.add_argument("--trust-code", action="store_true",
+                   help="let a run whose student.json names a user factory (arch: module) import and run it")
     e.set_defaults(func=_export)
 
     q = sub.add_parser("quickstart", help="teacher, student-ce and student-distilled on digits, 3 seeds")
@@ -228,7 +230,7 @@ def _probe(args) -> int:
 def _export(args) -> int:
     from alambic.export.run import export_run
 
-    path = export_run(args.run_dir, args.format, args.out, say=print)
+    path = export_run(args.run_dir, args.format, args.out, say=print, trust_code=args.trust_code)
     print(f"wrote {path}")
     return 0
 

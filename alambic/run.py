@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,13 +29,13 @@ from alambic.data.batch import INPUT
 from alambic.data.loader import WithoutLabels, make_loader
 from alambic.data.views import AugmentedLoader, ViewMaker
 from alambic.data.splits import DataBundle, Split, build_data
-from alambic.errors import AlambicError, RunDirError, ShapeMismatchError
+from alambic.errors import AlambicError, RecipeError, RunDirError, ShapeMismatchError
 from alambic.eval.classification import accuracy, agreement, expected_calibration_error, nll, predict
 from alambic.eval.efficiency import cpu_latency_ms, parameter_count, size_on_disk
 from alambic.export.weights import export_safetensors, load_weights
 from alambic.methods.base import Method
 from alambic.models.heads import DEFAULT_FEATURES, EmbeddingNet
-from alambic.models.zoo import build_model, import_object
+from alambic.models.zoo import build_model, import_object, is_out_of_memory
 from alambic.probe import CollapseWatch, ProbeCallback, probe_model
 from alambic.recipe.load import dump_recipe
 from alambic.recipe.schema import Recipe, TeacherSpec
@@ -72,10 +73,10 @@ def run(
     out = Path(out)
     if _prepare_run_dir(out, recipe, resume):
         return json.loads((out / SUMMARY).read_text())
-    torch.set_num_threads(recipe.train.threads or torch.get_num_threads())
+    torch.set_num_threads(cpu_threads(recipe.train.threads))
     data = data if data is not None else build_data(recipe.data)
     seed_everything(recipe.seed)
-    student = build_model(recipe.student, data.input_shape, data.num_classes)
+    student = build_model(recipe.student, data.input_shape, data.num_classes, what="student")
     method_cls: type[Method] = METHODS.get(recipe.method.name).obj
     method = method_cls(recipe.method.options)
     ssl = method_cls.self_supervised
@@ -122,7 +123,7 @@ def run(
         callbacks.append(watch)
     trainer = Trainer(net, method, loader, recipe.train, teacher=teacher, run_dir=out,
                       val_fn=None if ssl else validate, callbacks=callbacks, progress=progress)
-    fit = trainer.fit(resume=resume)
+    fit = fit_within_memory(trainer, resume, recipe.train.batch_size)
     if hasattr(teacher, "close"):
         teacher.close()
     fit_info = {
@@ -316,12 +317,49 @@ def first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else f"{path or 'recipe'} ({a!r} -> {b!r})"
 
 
+def cpu_threads(requested: int | None) -> int:
+    """The torch thread count for ``train.threads``: at most ``os.cpu_count()``, with a one-line note on
+    stderr when the recipe asks for more (thousands of threads crashed the process, exit 139, while scipy
+    loaded); None keeps torch's own count."""
+    if requested is None:
+        return torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    if requested > cores:
+        print(f"note: train.threads={requested} is more than the {cores} CPU cores here: using {cores}",
+              file=sys.stderr)
+        return cores
+    return requested
+
+
+def fit_within_memory(trainer: Trainer, resume: bool, batch_size: int):
+    """``trainer.fit(resume=resume)``, with an allocation failure during training turned into one line that
+    names the step and the batch size and says what to lower (not the allocator's traceback)."""
+    try:
+        return trainer.fit(resume=resume)
+    except Exception as exc:  # MemoryError is not a RuntimeError
+        if not is_out_of_memory(exc):
+            raise
+    params = sum(p.numel() for p in trainer.student.parameters())
+    raise AlambicError(
+        f"out of memory at training step {trainer.step + 1} (a batch of train.batch_size={batch_size}, a student "
+        f"of {params:,} parameters): lower train.batch_size (eval.batch_size for the validation passes) or the "
+        "model's sizes"
+    ) from None
+
+
 # -- teachers and students from disk -------------------------------------------------------------------------
 
 
 def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None = None,
                   total_steps: int = 0, steps_per_epoch: int = 1) -> Teacher:
-    """The teacher a recipe's teacher section describes (an EMA teacher copies ``student``)."""
+    """The teacher a recipe's teacher section describes (an EMA teacher copies ``student``).
+
+    A run directory (``run``, ``transfer.run``) whose student is a user factory (``arch: module``) is loaded
+    only with ``trust_code: true`` (see :func:`alambic.student.load_student`). An estimator teacher is fit
+    here, once, on the labelled training samples; it never changes afterwards, so ``cache`` applies to it as
+    to a frozen network.
+    """
+    trust = getattr(spec, "trust_code", False)
     if spec.ema is not None:
         if student is None:
             raise AlambicError("an EMA teacher needs the student it averages")
@@ -329,23 +367,27 @@ def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None
         return EmaTeacher(student, spec.ema.momentum, spec.ema.end_momentum, total_steps, every=every)
     if spec.transfer is not None:
         t = spec.transfer
-        source, meta = load_student(t.run)
+        source, meta = load_student(t.run, trust_code=trust)
         _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.transfer.run {t.run}")
         return TransferTeacher(source, t.momentum, t.end_momentum, total_steps,
                                every=steps_per_epoch if t.update == "epoch" else 1, name_map=t.name_map, skip=t.skip)
     if spec.run is not None:
-        model, meta = load_student(spec.run)
+        model, meta = load_student(spec.run, trust_code=trust)
         _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.run {spec.run}")
         return _maybe_cached(FrozenTeacher(model), spec, data)
     if spec.model is not None:
-        model = build_model(spec.model, data.input_shape, data.num_classes)
+        model = build_model(spec.model, data.input_shape, data.num_classes, what="teacher.model")
         if spec.weights is not None:
             load_weights(model, spec.weights)
         return _maybe_cached(FrozenTeacher(model), spec, data)
-    estimator = import_object(spec.estimator)(**spec.estimator_kwargs)
+    factory = import_object(spec.estimator)
+    try:
+        estimator = factory(**spec.estimator_kwargs)
+    except TypeError as exc:
+        raise RecipeError(f"teacher.estimator_kwargs: {spec.estimator} does not take them ({exc})") from None
     labelled = data.train.labeled_only()
     estimator.fit(labelled.x.reshape(len(labelled), -1).double().numpy(), labelled.y.numpy())
-    return AnalyticTeacher(estimator)
+    return _maybe_cached(AnalyticTeacher(estimator), spec, data)
 
 
 _HINTED = False  # the composed-batch hint was printed by this process (a bench or the quickstart runs many)
@@ -364,10 +406,19 @@ def _hint_composed_batches(train: Split, batch_size: int) -> None:
               file=sys.stderr)
 
 
-def _maybe_cached(teacher: FrozenTeacher, spec: TeacherSpec, data: DataBundle) -> Teacher:
-    """``teacher`` behind a :class:`CachedTeacher` when the recipe asks for one (``teacher.cache``)."""
+def _maybe_cached(teacher: FrozenTeacher | AnalyticTeacher, spec: TeacherSpec, data: DataBundle) -> Teacher:
+    """``teacher`` behind a :class:`CachedTeacher` when the recipe asks for one (``teacher.cache``).
+
+    An estimator teacher is cached on disk only when its fingerprint covers its fitted state (it pickles;
+    see :meth:`AnalyticTeacher.fingerprint`): the disk cache is shared by every run whose teacher has the
+    same fingerprint, so a fingerprint of parameters alone could serve another fit's outputs."""
     if spec.cache == "off":
         return teacher
+    if spec.cache == "disk" and isinstance(teacher, AnalyticTeacher):
+        teacher.fingerprint()
+        if not teacher.fingerprint_complete:
+            raise RecipeError(f"teacher.cache: disk needs an estimator whose fitted state can be fingerprinted "
+                              f"(pickled), and {spec.estimator} cannot be: use cache: memory")
     rows = 1 + max(int(s.index.max()) for s in (data.train, data.val, data.test) if len(s))
     folder = cache_dir("teachers") if spec.cache == "disk" else None
     return CachedTeacher(teacher, rows, folder, data.fingerprint)

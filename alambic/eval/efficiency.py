@@ -10,6 +10,7 @@ right-skewed). Latency is a measurement for reports and ``benchmarks/``; tests n
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 
@@ -65,7 +66,7 @@ def cpu_latency_ms(
     previous_threads = torch.get_num_threads()
     times = []
     try:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(min(threads, os.cpu_count() or 1))  # more threads than cores: a crash, not speed
         with eval_mode(model), torch.no_grad():
             for _ in range(warmup):
                 model(x)

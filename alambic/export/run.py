@@ -16,10 +16,14 @@ from alambic.run import load_student
 
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None,
-               say: Callable[[str], None] | None = None) -> Path:
-    """Export the student of ``run_dir``; ``say`` receives a line on how the ONNX file was checked."""
+               say: Callable[[str], None] | None = None, *, trust_code: bool = False) -> Path:
+    """Export the student of ``run_dir``; ``say`` receives a line on how the ONNX file was checked.
+
+    A run whose ``student.json`` names a user factory (``arch: module``) is refused unless ``trust_code``
+    (CLI: ``--trust-code``): rebuilding that student imports and runs the factory, so a received run
+    directory could otherwise run any code (see :func:`alambic.student.load_student`)."""
     run_dir = Path(run_dir)
-    model, meta = load_student(run_dir)
+    model, meta = load_student(run_dir, trust_code=trust_code)
     if meta.get("features"):  # a self-supervised run: what it learned is the representation, not logits
         from alambic.models.heads import Representation
 

@@ -12,6 +12,7 @@ import inspect
 import math
 from typing import Any, Callable
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -92,8 +93,15 @@ class SmallCNN(nn.Module):
 
 
 class ModuleConfig(BaseModel):
+    """``arch: module``: your own factory. Naming one is code execution: building the model imports
+    ``package.module`` and calls ``factory`` with ``kwargs``, so a recipe's ``module:`` runs whatever that code
+    does. A finished run directory records the factory in ``student.json``, and loading such a run
+    (``alambic export``, ``teacher: {run: DIR}``, ``transfer``, :func:`alambic.load_student`) refuses it unless
+    told to trust it (``--trust-code``, ``trust_code: true``, ``trust_code=True``)."""
+
     model_config = ConfigDict(extra="forbid")
-    module: str = Field(description="'package.module:factory' returning an nn.Module")
+    module: str = Field(description="'package.module:factory' returning an nn.Module; this imports and runs "
+                                    "that code, so name only code you trust")
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -138,6 +146,39 @@ def import_object(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def build_model(spec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The network a validated :class:`~alambic.recipe.ModelSpec` describes."""
-    return MODELS.get(spec.arch).obj(spec.options, tuple(input_shape), num_classes)
+def build_model(spec, input_shape: tuple[int, ...], num_classes: int, *, what: str = "model") -> nn.Module:
+    """The network a validated :class:`~alambic.recipe.ModelSpec` describes.
+
+    ``what`` names it in errors (``student``, ``teacher.model``): a model too large for memory ends in one
+    line with its parameter count and size (counted on the meta device, without memory) and what to lower,
+    not in the allocator's traceback."""
+    build = MODELS.get(spec.arch).obj
+    try:
+        return build(spec.options, tuple(input_shape), num_classes)
+    except Exception as exc:  # MemoryError is not a RuntimeError
+        if not is_out_of_memory(exc):
+            raise
+    # outside the except block: the failed attempt's frames (and what they hold) are released first
+    size = ""
+    if spec.arch != "module":  # a user factory is not run a second time for a count
+        try:
+            with torch.device("meta"):
+                count = sum(p.numel() for p in build(spec.options, tuple(input_shape), num_classes).parameters())
+            size = f", {count:,} parameters = {count * 4 / 2**30:.1f} GiB in float32"
+        except Exception:
+            pass
+    if " " in what:  # not a recipe key (a trained run's student): nothing in the recipe to lower
+        advice = "it needs a machine with more memory"
+    else:
+        key = {"mlp": f"{what}.hidden", "cnn": f"{what}.channels"}.get(spec.arch, f"the sizes in {what}")
+        advice = f"lower {key}, or use a smaller model"
+    raise AlambicError(f"out of memory building the {what} ({spec.arch}{size}): {advice}") from None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError`` or the CPU allocator's
+    ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)

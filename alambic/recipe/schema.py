@@ -100,14 +100,23 @@ class TeacherSpec(Strict):
     model: ModelSpec | None = None
     weights: Path | None = None
     estimator: str | None = Field(None, description="'pkg.mod:Class' of a scikit-learn estimator fit on the labelled data")
-    estimator_kwargs: dict[str, Any] = Field(default_factory=dict)
+    estimator_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of the estimator's constructor, e.g. {n_estimators: 200, random_state: 0} "
+                    "(set random_state for a teacher that is the same in every run; only with estimator)",
+    )
     ema: EmaSpec | None = None
     transfer: TransferSpec | None = None
     cache: Literal["off", "memory", "disk"] = Field(
         "off",
-        description="keep a frozen teacher's outputs per sample after their first computation (rows whose input "
-                    "changed are recomputed): 'memory' for this run, 'disk' also under $ALAMBIC_CACHE/teachers, "
-                    "shared by every run of the same teacher and data",
+        description="keep a frozen teacher's outputs (run, model or estimator) per sample after their first "
+                    "computation (rows whose input changed are recomputed): 'memory' for this run, 'disk' also "
+                    "under $ALAMBIC_CACHE/teachers, shared by every run of the same teacher and data",
+    )
+    trust_code: bool = Field(
+        False,
+        description="let a run directory (run, transfer.run) whose student is a user factory (arch: module) "
+                    "import and run that factory; only for a run you made or trust as code",
     )
 
     @model_validator(mode="after")
@@ -117,8 +126,9 @@ class TeacherSpec(Strict):
             raise ValueError(f"give exactly one of run, model, estimator, ema, transfer; got {given or 'none'}")
         if self.weights is not None and self.model is None:
             raise ValueError("weights needs model (the architecture the weights belong to)")
-        if self.cache != "off" and self.run is None and self.model is None:
-            raise ValueError(f"cache: {self.cache} needs a frozen network teacher (run or model), not {given[0]}: "
+        if self.cache != "off" and given[0] in ("ema", "transfer"):
+            raise ValueError(f"cache: {self.cache} needs a frozen network teacher (run or model) or an estimator, "
+                             f"not {given[0]}: "
                              "an EMA or transfer teacher changes every step")
         return self
 
@@ -230,6 +240,8 @@ def _teacher_resolved(spec: TeacherSpec) -> dict[str, Any]:
     out = spec.model_dump(mode="json", exclude={"model"}, exclude_none=True)
     if not out.get("estimator"):
         out.pop("estimator_kwargs", None)
+    if not out.get("trust_code"):
+        out.pop("trust_code", None)
     if spec.model is not None:
         out["model"] = spec.model.resolved()
     return out

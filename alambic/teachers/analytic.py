@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -53,6 +54,8 @@ class AnalyticTeacher:
             self._call = None
             self._estimator = fn
         self._fingerprint = fingerprint
+        # whether fingerprint() covers everything the outputs depend on (see there); a given one is trusted
+        self.fingerprint_complete = fingerprint is not None
 
     @torch.no_grad()
     def outputs(self, batch: Batch, views: Sequence[str]) -> dict[str, ModelOutput]:
@@ -75,17 +78,40 @@ class AnalyticTeacher:
         return None
 
     def fingerprint(self) -> str:
+        """16 hex digits naming what this teacher computes (the key of a teacher cache on disk).
+
+        For an estimator, the sha256 of its pickled fitted state (streamed into the hash, never unpickled):
+        parameters alone would give two forests of equal parameters but other trees (``random_state=None``)
+        one fingerprint. An estimator that cannot be pickled gets a fingerprint of its parameters and fitted
+        arrays, which :attr:`fingerprint_complete` marks as not safe to key a disk cache on; so does a plain
+        callable (its name says nothing about what it computes)."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             if self._estimator is not None:
                 est = self._estimator
-                h.update(type(est).__qualname__.encode())
-                h.update(json.dumps(est.get_params(deep=False), sort_keys=True, default=repr).encode())
-                for name in sorted(vars(est)):
-                    value = getattr(est, name)
-                    if name.endswith("_") and isinstance(value, np.ndarray) and value.dtype != object:
-                        h.update(name.encode() + np.ascontiguousarray(value).tobytes())
+                h.update(type(est).__module__.encode() + b":" + type(est).__qualname__.encode())
+                try:
+                    pickle.Pickler(_HashWriter(h), protocol=4).dump(est)
+                    self.fingerprint_complete = True
+                except Exception:  # a lambda or an open handle inside: parameters and fitted arrays only
+                    h = hashlib.sha256(type(est).__qualname__.encode())
+                    h.update(json.dumps(est.get_params(deep=False), sort_keys=True, default=repr).encode())
+                    for name in sorted(vars(est)):
+                        value = getattr(est, name)
+                        if name.endswith("_") and isinstance(value, np.ndarray) and value.dtype != object:
+                            h.update(name.encode() + np.ascontiguousarray(value).tobytes())
             else:
                 h.update(getattr(self._call, "__qualname__", repr(self._call)).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+class _HashWriter:
+    """A file-like sink that feeds what is written to a hash (a pickle streamed without holding it whole)."""
+
+    def __init__(self, h: Any):
+        self.h = h
+
+    def write(self, data: bytes) -> int:
+        self.h.update(data)
+        return len(data)
