@@ -55,7 +55,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from alambic.errors import AlambicError, RecipeError, RunDirError
-from alambic.recipe.load import _deep_copy, apply_override, format_errors, load_recipe, read_yaml
+from alambic.recipe.load import _deep_copy, apply_override, format_errors, load_recipe, missing_teacher, read_yaml
 from alambic.recipe.schema import Recipe, Strict
 from alambic.registry import METHODS
 from alambic.run import SUMMARY, first_difference, is_finished, resolved_again, run
@@ -238,6 +238,8 @@ def plan(suite: Suite, out: Path, *, teacher_ready: bool) -> Plan:
             continue
         try:
             recipe = load_recipe(data)
+            if problem := missing_teacher(recipe, python=False):
+                raise RecipeError(problem)
         except RecipeError as exc:
             for line in str(exc).splitlines():
                 problems.setdefault(line, set()).add((method, setting))
@@ -373,6 +375,7 @@ def bench(suite: str | Path | dict[str, Any], out: str | Path, *, workers: int |
             raise RecipeError(f"--workers must be at least 1, got {workers}")
         loaded.workers = workers
     out = Path(out)
+    _check_out(out)
     if report_only and not out.is_dir():
         raise RunDirError(f"{out} holds no bench to report: run it without --report-only first")
     p = plan(loaded, out, teacher_ready=_teacher_ready(loaded, out))
@@ -416,6 +419,16 @@ def bench(suite: str | Path | dict[str, Any], out: str | Path, *, workers: int |
     result = [rows[c.key] for c in p.cells]
     write_outputs(out, loaded, result, baseline(p), teacher, console)
     return result
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``out`` that is (or lies under) a file, before anything is written."""
+    for where in (out, *out.parents):
+        if where.exists():
+            if not where.is_dir():
+                what = "is a file" if where == out else f"lies under {where}, which is a file"
+                raise RecipeError(f"bench: --out {out} {what}, not a directory")
+            return
 
 
 def baseline(p: Plan) -> str | None:

@@ -168,9 +168,12 @@ def _born_again(args) -> int:
 def _validate(args) -> int:
     import yaml
 
-    from alambic.recipe import load_recipe
+    from alambic.errors import RecipeError
+    from alambic.recipe import load_recipe, missing_teacher
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if problem := missing_teacher(recipe, python=False):  # valid for alambic.run(teacher=...), not here
+        raise RecipeError(problem)
     if args.print:
         print(yaml.safe_dump(recipe.resolved(), sort_keys=False), end="")
     else:

@@ -29,7 +29,7 @@ from alambic.data.batch import INPUT
 from alambic.data.loader import WithoutLabels, make_loader
 from alambic.data.views import AugmentedLoader, ViewMaker
 from alambic.data.splits import DataBundle, Split, build_data
-from alambic.errors import AlambicError, RecipeError, RunDirError, ShapeMismatchError
+from alambic.errors import AlambicError, RecipeError, RecipeError, RunDirError, ShapeMismatchError
 from alambic.eval.classification import accuracy, agreement, expected_calibration_error, nll, predict
 from alambic.eval.efficiency import cpu_latency_ms, parameter_count, size_on_disk
 from alambic.export.weights import export_safetensors, load_weights
@@ -38,6 +38,7 @@ from alambic.models.heads import DEFAULT_FEATURES, EmbeddingNet
 from alambic.models.zoo import build_model, import_object, is_out_of_memory
 from alambic.probe import CollapseWatch, ProbeCallback, probe_model
 from alambic.recipe.load import dump_recipe
+from alambic.recipe.load import missing_teacher
 from alambic.recipe.schema import Recipe, TeacherSpec
 from alambic.registry import METHODS
 from alambic.student import STUDENT_META, STUDENT_WEIGHTS, load_student  # noqa: F401  (load_student: also from here)
@@ -70,6 +71,8 @@ def run(
     :func:`alambic.data.bundle_from_arrays`, any object following the Teacher protocol); they replace the
     recipe's ``data``/``teacher`` sections.
     """
+    if teacher is None and (problem := missing_teacher(recipe)):
+        raise RecipeError(problem)  # before the run directory exists: a fixed recipe may use the same --out
     out = Path(out)
     if _prepare_run_dir(out, recipe, resume):
         return json.loads((out / SUMMARY).read_text())
@@ -103,9 +106,6 @@ def run(
         specs = recipe.teacher_specs()
         built = [build_teacher(t, data, net, total_steps, len(loader)) for t in specs]
         teacher = built[0] if recipe.teacher is not None else TeacherEnsemble(built)
-    if method_cls.needs_teacher and teacher is None:
-        hint = " (an EMA of the student: teacher: {ema: {momentum: 0.996, end_momentum: 1.0}})" if ssl else ""
-        raise AlambicError(f"method '{recipe.method.name}' needs a teacher: add a teacher section to the recipe{hint}")
     ev = recipe.eval
 
     def validate(model: nn.Module) -> dict[str, float]:

@@ -17,14 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from alambic.data.views import ViewsSpec
 
 
+def _seed() -> Any:
+    """A seed field: seeds reach torch.manual_seed and numpy's generators, which take 64-bit integers."""
+    return Field(0, ge=0, lt=2**63, description="0 <= seed < 2**63")
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan and infinity are refused (also by load.number_problems, for every registered Config)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Selector(BaseModel):
     """A section naming a registry entry; keys other than the common ones are that entry's options."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     _options: BaseModel | None = PrivateAttr(default=None)
 
     @property
@@ -50,7 +56,7 @@ class DataSpec(Selector):
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     labeled_fraction: float = Field(1.0, gt=0, le=1)
-    split_seed: int = 0
+    split_seed: int = _seed()
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataSpec":
@@ -199,7 +205,7 @@ class EvalSpec(Strict):
 
 class Recipe(Strict):
     name: str = "run"
-    seed: int = 0
+    seed: int = _seed()
     data: DataSpec = Field(default_factory=DataSpec)
     student: ModelSpec = Field(default_factory=ModelSpec)
     teacher: TeacherSpec | None = None
