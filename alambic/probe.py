@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alambic.cache_dir import cache_dir
+from alambic.cache_dir import cache_dir, make_dirs
 from alambic.data.splits import DataBundle, Split
 from alambic.errors import AlambicError, RunDirError
 from alambic.eval.probes import extract_features, knn_accuracy, linear_probe, representation_stats
@@ -93,6 +93,7 @@ def cached_pixel_baseline(data: DataBundle, *, k: int = 20, temperature: float =
     if path.is_file():
         return json.loads(path.read_text())
     result = pixel_baseline(data, k=k, temperature=temperature)
+    make_dirs(root)  # never group/world-writable, whatever the umask (alambic.cache_dir)
     atomic_write_text(path, json.dumps(result))
     return result
 

@@ -48,7 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from alambic.cache_dir import cache_dir
+from alambic.cache_dir import cache_dir, make_dirs
 from alambic.data.sources import RawData, fingerprint
 from alambic.errors import AlambicError
 from alambic.registry import DATASETS
@@ -367,7 +367,7 @@ def _read_cache(path: Path, key: str) -> GlyphSet | None:
 
 
 def _write_cache(path: Path, g: GlyphSet) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)  # never group/world-writable, whatever the umask (alambic.cache_dir)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:

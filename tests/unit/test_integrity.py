@@ -207,3 +207,24 @@ def test_cache_folders_and_files_are_not_group_or_world_writable_under_umask_0(t
                  next((tmp_path / "cache" / "teachers").iterdir()), ckpt, tmp_path / "run" / "note.json"):
         assert not _writable_by_others(path), (path, oct(path.stat().st_mode))
     assert stat.S_IMODE((tmp_path / "cache" / "teachers").stat().st_mode) == 0o755
+
+
+def test_make_dirs_never_adds_group_or_world_write_and_keeps_a_stricter_umask(tmp_path, digits, monkeypatch):
+    from alambic.cache_dir import make_dirs
+    from alambic.probe import cached_pixel_baseline
+
+    monkeypatch.setenv("ALAMBIC_CACHE", str(tmp_path / "cache"))
+    old = os.umask(0)
+    try:
+        make_dirs(tmp_path / "a" / "b")
+        cached_pixel_baseline(digits)  # the probes cache goes through atomic_write_text
+        os.umask(0o077)
+        make_dirs(tmp_path / "private" / "c")
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    for d in (tmp_path / "private", tmp_path / "private" / "c"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    probes = tmp_path / "cache" / "probes"
+    assert [_writable_by_others(p) for p in (tmp_path / "cache", probes, *probes.iterdir())] == [False] * 3
