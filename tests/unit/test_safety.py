@@ -241,3 +241,12 @@ def test_a_run_never_asks_torch_for_more_threads_than_cores(tmp_path, monkeypatc
                        "eval": {"latency_repeats": 1}})
     run(recipe, tmp_path / "r", progress=False, data=_data())
     assert asked and max(asked) <= (os.cpu_count() or 1)
+
+
+def test_born_again_trusts_only_the_factory_of_the_users_own_recipe(tmp_path):
+    from alambic.born_again import generation_recipe
+
+    own = generation_recipe({"student": {"module": FACTORY}}, 1, tmp_path)
+    assert own["teacher"] == {"run": str(tmp_path / "gen0"), "trust_code": True}
+    assert "trust_code" not in generation_recipe({"student": {"arch": "mlp"}}, 1, tmp_path)["teacher"]
+    validate(own, files=False)
