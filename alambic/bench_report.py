@@ -207,31 +207,61 @@ def markdown(name: str, stats: dict[str, list[Line]], rows: list[Row], baseline:
 
 
 def plot(path: Path, name: str, stats: dict[str, list[Line]]) -> Path:
-    """One panel per setting, one horizontal bar per method (mean test accuracy, std error bars).
-
-    Methods are labelled on the axis rather than by colour, so the plot stays readable with dozens of
-    methods; the baseline's mean is a dashed line across each panel.
-    """
+    """:func:`accuracy_figure`, saved to ``path``; returns ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: see alambic.report.plots
+
+    fig = accuracy_figure(name, stats)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=120)
+    return path
+
+
+def accuracy_figure(name: str, stats: dict[str, list[Line]]):
+    """One panel per setting, one row per method: mean test accuracy as a dot, ± std as a bar.
+
+    The axis spans the data (every mean ± std, padded), not 0–100 %: methods a point or two apart at
+    90 % would be bars of the same length. Hence dots rather than bars (a bar's length would start at
+    an arbitrary cut-off), each labelled with its value. Methods are labelled on the axis rather than by
+    colour, so the plot stays readable with dozens of methods; the baseline's mean is a dashed line
+    across each panel. Returns the :class:`~matplotlib.figure.Figure`.
+    """
     from matplotlib.figure import Figure
 
     settings = list(stats)
     methods = [line.method for line in next(iter(stats.values()))]
-    fig = Figure(figsize=(1.0 + 4.0 * len(settings), 1.2 + 0.28 * len(methods)), layout="constrained")
+    fig = Figure(figsize=(1.5 + 4.5 * len(settings), 1.4 + 0.3 * len(methods)), layout="constrained")
     axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
     ys = list(range(len(methods)))[::-1]  # first method on top
     for ax, setting in zip(axes, settings):
         lines = stats[setting]
-        ax.barh(ys, [100 * line.mean for line in lines], xerr=[100 * line.std for line in lines], capsize=2,
-                color=["tab:gray" if line.method == "ce" else "tab:blue" for line in lines])
+        done = [(y, line) for y, line in zip(ys, lines) if not math.isnan(line.mean)]
+        for y, line in done:
+            color = "tab:gray" if line.method == "ce" else "tab:blue"
+            ax.errorbar(100 * line.mean, y, xerr=100 * line.std, fmt="o", color=color, capsize=3)
+            ax.annotate(f"{100 * line.mean:.2f}", (100 * line.mean, y), textcoords="offset points",
+                        xytext=(0, 5), ha="center", fontsize="x-small")
+        for y, line in zip(ys, lines):
+            if math.isnan(line.mean):
+                ax.annotate("failed", (0.02, y), xycoords=("axes fraction", "data"), va="center",
+                            fontsize="small", color="tab:red")
+        lo, hi = _span([100 * (line.mean + sign * line.std) for _, line in done for sign in (-1, 1)])
+        ax.set_xlim(lo, hi)
         base = next((line for line in lines if line.method == "ce"), None)
         if base is not None and not math.isnan(base.mean):
             ax.axvline(100 * base.mean, color="black", linestyle="--", linewidth=1)
         ax.set_title(setting)
         ax.set_xlabel("test accuracy (%)")
+        ax.set_ylim(-0.7, len(methods) - 0.3)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(ys, methods)
-    fig.suptitle(f"{name}: test accuracy, mean ± std over seeds (dashed: ce)")
-    FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    fig.suptitle(f"{name}: test accuracy, mean ± std over seeds (dashed: ce; axis zoomed to the data)")
+    return fig
+
+
+def _span(values: list[float]) -> tuple[float, float]:
+    """An axis range around ``values``: padded by 15 % of their spread, at least 1 point wide, within 0–100."""
+    if not values:
+        return 0.0, 100.0
+    lo, hi = min(values), max(values)
+    pad = max(0.15 * (hi - lo), 0.5)
+    return max(0.0, lo - pad), min(100.0, hi + pad)

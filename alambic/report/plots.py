@@ -1,5 +1,8 @@
 """The two figures of a run report: learning curves and a reliability diagram.
 
+Each is built by a ``*_figure`` function that returns the :class:`~matplotlib.figure.Figure` (to inspect or
+test) and saved by a ``plot_*`` function.
+
 Figures are built with :class:`matplotlib.figure.Figure` and saved through the Agg canvas directly, not
 through ``pyplot``: nothing is registered with pyplot's global figure manager (so nothing leaks when a
 report is rendered in a loop) and the process-wide backend is left alone (rendering a report inside a
@@ -18,7 +21,7 @@ from torch import Tensor
 
 from alambic.eval.classification import expected_calibration_error, reliability_bins
 
-__all__ = ["plot_learning_curves", "plot_reliability"]
+__all__ = ["learning_curves_figure", "plot_learning_curves", "plot_reliability", "reliability_figure"]
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
@@ -30,36 +33,50 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 
 
 def plot_learning_curves(metrics: list[dict], path: str | os.PathLike) -> Path:
-    """Train loss and each loss term against step (left); validation accuracy against step (right).
+    """:func:`learning_curves_figure`, saved to ``path``; returns ``path``."""
+    return _save(learning_curves_figure(metrics), path)
 
+
+def learning_curves_figure(metrics: list[dict]) -> Figure:
+    """One panel per curve against step: the training loss, each of its terms, the validation accuracy.
+
+    Terms live on scales of their own (a KD term times T² next to a CE near 0.1; a feature loss in the
+    hundreds), so each gets its own panel and y-axis: drawn on one axis, the small ones are a flat line.
     ``metrics`` are the records of ``metrics.jsonl``: ``split == "train"`` records carry ``step``, ``loss``
     and optionally ``terms`` (name -> value); ``split == "val"`` records carry ``step`` and ``accuracy``.
-    Other records are ignored. Returns ``path``.
+    Other records are ignored.
     """
     train = sorted((r for r in metrics if r.get("split") == "train"), key=lambda r: r["step"])
     val = sorted((r for r in metrics if r.get("split") == "val" and "accuracy" in r), key=lambda r: r["step"])
-
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    ax_loss, ax_val = fig.subplots(1, 2)
+    term_names = sorted({name for r in train for name in (r.get("terms") or {})})
+    panels = 2 + len(term_names)
+    cols = min(panels, 3)
+    rows = -(-panels // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    ax_loss, ax_val, term_axes = axes[0], axes[panels - 1], axes[1:panels - 1]
+    for ax in axes[panels:]:
+        ax.set_visible(False)
 
     if train:
-        steps = [r["step"] for r in train]
-        ax_loss.plot(steps, [r["loss"] for r in train], label="loss", color="black", linewidth=2)
-        term_names = sorted({name for r in train for name in (r.get("terms") or {})})
-        for name in term_names:
-            points = [(r["step"], r["terms"][name]) for r in train if name in (r.get("terms") or {})]
-            ax_loss.plot(*zip(*points), label=name, linewidth=1)
-        ax_loss.legend(loc="best", fontsize="small")
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="black", linewidth=2)
     else:
         _empty(ax_loss, "no training records")
-    _label(ax_loss, "loss", "training loss and terms")
+    _label(ax_loss, "loss", "training loss (total)")
+    for ax, name, color in zip(term_axes, term_names, _COLORS):
+        points = [(r["step"], r["terms"][name]) for r in train if name in (r.get("terms") or {})]
+        ax.plot(*zip(*points), color=color, linewidth=1.5)
+        _label(ax, name, f"loss term: {name}")
 
     if val:
         ax_val.plot([r["step"] for r in val], [r["accuracy"] for r in val], marker="o", color="tab:green")
     else:
         _empty(ax_val, "no validation records")
     _label(ax_val, "accuracy", "validation accuracy")
-    return _save(fig, path)
+    return fig
+
+
+_COLORS = ["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 4
 
 
 def _empty(ax, text: str) -> None:
@@ -80,17 +97,30 @@ def plot_reliability(
     n_bins: int = 15,
     teacher_logits_NC: Tensor | None = None,
 ) -> Path:
+    """:func:`reliability_figure`, saved to ``path``; returns ``path``."""
+    return _save(reliability_figure(logits_NC, target_N, n_bins, teacher_logits_NC), path)
+
+
+def reliability_figure(
+    logits_NC: Tensor,
+    target_N: Tensor,
+    n_bins: int = 15,
+    teacher_logits_NC: Tensor | None = None,
+) -> Figure:
     """Reliability diagram (Guo et al., 2017, arXiv:1706.04599, Fig. 1): accuracy per confidence bin as bars,
     the diagonal of perfect calibration, and the ECE in the title. With ``teacher_logits_NC`` the teacher's
-    per-bin accuracy is overlaid as a step outline. Empty bins have no bar. Returns ``path``.
+    per-bin accuracy is overlaid as a step outline. Empty bins have no bar.
+
+    Below it, the number of test samples in each bin (the paper's confidence histogram): a bin of three
+    samples says little, and most samples usually sit in the last bins.
     """
     bins = reliability_bins(logits_NC, target_N, n_bins)
     ece = expected_calibration_error(logits_NC, target_N, n_bins)
     width = 1.0 / n_bins
     centers = [lo + width / 2 for lo in bins["lower"]]
 
-    fig = Figure(figsize=(5, 5), layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(5, 6.5), layout="constrained")
+    ax, ax_count = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     filled = [i for i, c in enumerate(bins["count"]) if c]
     ax.bar(
@@ -124,8 +154,12 @@ def plot_reliability(
         title += f", teacher ECE = {t_ece:.4f}"
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (max softmax probability)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"Reliability diagram, {n_bins} bins\n{title}", fontsize="medium")
     ax.legend(loc="upper left", fontsize="small")
-    return _save(fig, path)
+    counts = ax_count.bar(centers, bins["count"], width=width, edgecolor="black", color="tab:gray")
+    ax_count.bar_label(counts, labels=[str(c) if c else "" for c in bins["count"]], fontsize="x-small")
+    ax_count.set_ylim(0, 1.25 * max(max(bins["count"]), 1))  # room for the labels
+    ax_count.set_ylabel("samples")
+    ax_count.set_xlabel("confidence (max softmax probability)")
+    return fig

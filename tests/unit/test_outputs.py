@@ -273,3 +273,51 @@ def test_ctrl_c_on_a_terminal_leaves_one_copy_of_the_bar(tmp_path, monkeypatch):
     bars = [r for r in screen if "loss" in r]
     assert len(bars) == 1, screen
     assert "30/" in bars[0]
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_bench_accuracy_axis_is_zoomed_to_the_data():
+    from alambic.bench_report import Line, accuracy_figure
+
+    stats = {"full": [Line("ce", 3, 3, 0.905, 0.004), Line("kd", 3, 3, 0.921, 0.006, 1.6, 0.02, 3),
+                      Line("fitnet", 0, 3)],
+             "scarce": [Line("ce", 3, 3, 0.86, 0.01), Line("kd", 3, 3, 0.94, 0.008, 8.0, 0.01, 3),
+                        Line("fitnet", 3, 3, 0.87, 0.02, 1.0, 0.4, 3)]}
+    fig = accuracy_figure("demo", stats)
+    full, scarce = fig.axes[:2]
+    lo, hi = full.get_xlim()
+    assert 89.0 < lo <= 90.1 and 92.7 <= hi < 94.0  # 90.1 ... 92.7 is what the data span (mean ± std)
+    lo, hi = scarce.get_xlim()
+    assert 83.0 < lo <= 85.0 and 94.8 <= hi < 97.0
+    assert any(t.get_text() == "failed" for t in full.texts)  # a method without a result says so
+
+
+def test_learning_curves_give_each_loss_term_its_own_scale():
+    from alambic.report.plots import learning_curves_figure
+
+    records = [{"split": "train", "step": s, "loss": 100.0 / s, "terms": {"hint": 100.0 / s, "kd": 0.01 / s}}
+               for s in range(10, 110, 10)] + [{"split": "val", "step": 100, "accuracy": 0.9}]
+    fig = learning_curves_figure(records)
+    by_title = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    kd = by_title["loss term: kd"]
+    assert kd.get_ylim()[1] < 0.01  # on the total's axis (0 ... 10) this term was a flat line at 0
+    assert by_title["loss term: hint"].get_ylim()[1] > 5
+    assert {"training loss (total)", "validation accuracy"} <= set(by_title)
+
+
+def test_reliability_diagram_shows_the_samples_per_bin():
+    import torch
+
+    from alambic.eval import reliability_bins
+    from alambic.report.plots import reliability_figure
+
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(300, 5, generator=g) * 2, torch.randint(0, 5, (300,), generator=g)
+    fig = reliability_figure(logits, target, n_bins=10)
+    counts_ax = next(ax for ax in fig.axes if ax.get_ylabel() == "samples")
+    heights = [round(p.get_height()) for p in counts_ax.patches]
+    assert heights == reliability_bins(logits, target, 10)["count"] and sum(heights) == 300
+    labels = [t.get_text() for t in counts_ax.texts if t.get_text()]
+    assert labels == [str(c) for c in heights if c]
