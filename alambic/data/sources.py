@@ -95,8 +95,8 @@ def check_finite(x: Tensor, source: str) -> None:
         first = int(rows[0])
         kind = "NaN" if bool(torch.isnan(flat[first]).any()) else "inf"
         raise AlambicError(
-            f"{source}: sample {first} holds {kind} ({len(rows)} samples in all hold NaN or inf, after conversion "
-            "to float32): drop or repair them before training"
+            f"{source}: sample {first} holds {kind}; {len(rows)} of {len(x)} samples hold NaN or inf (after "
+            "conversion to float32): drop or repair them before training"
         )
 
 

@@ -43,7 +43,7 @@ def test_non_finite_inputs_in_an_npz_are_refused_naming_file_and_row(tmp_path, b
     with pytest.raises(AlambicError) as info:
         _build(path)
     msg = _one_line(info)
-    assert str(path) in msg and "sample 13" in msg and "2 samples" in msg
+    assert str(path) in msg and "sample 13" in msg and "2 of 60 samples" in msg
 
 
 def test_values_that_overflow_float32_are_refused(tmp_path):
