@@ -8,6 +8,7 @@ Every failure the user can act on is one line on stderr (``error: ...``) and a n
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -33,11 +34,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a full disk while training (metrics, checkpoint): one line, not a traceback
+        if os.environ.get("ALAMBIC_DEBUG") or exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", None)):
+            raise
+        where = getattr(args, "out", None)
+        kept = f": make room, then continue with --resume (the last checkpoint in {where} is kept)" \
+            if args.func is _run else ""
+        print(f"error: {exc.filename or 'a file'}: {exc.strerror}{kept}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        hint = f"; continue with --resume (the last checkpoint in {out} is intact)" if out else ""
-        print(f"interrupted{hint}", file=sys.stderr)
+        print(f"interrupted{_interrupted_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _interrupted_hint(args) -> str:
+    """What is left to do after a Ctrl-C: only what the directory really holds (no checkpoint claimed that
+    was never written)."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return ""
+    if args.func is not _run:  # born-again, quickstart: they reuse what is finished on their own
+        return f"; run the same command again to continue (finished runs in {out} are kept)"
+    try:
+        from alambic.run import interrupted_hint
+
+        return f"; {interrupted_hint(Path(out))}"
+    except Exception:  # interrupted while importing, or the directory is unreadable: say nothing false
+        return ""
 
 
 def _parser() -> argparse.ArgumentParser:

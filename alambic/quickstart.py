@@ -23,6 +23,7 @@ from rich.table import Table
 from alambic.errors import RunDirError
 from alambic.recipe import load_recipe
 from alambic.run import run
+from alambic.train.state import atomic_write_text
 
 
 def recipe_path(name: str) -> Path:
@@ -51,8 +52,8 @@ def quickstart(out: str | Path = "runs/quickstart", seeds: int = 3, progress: bo
     result = _table(teacher, rows)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     _print(result, console)
-    (out / "quickstart.json").write_text(json.dumps(result, indent=2))
-    (out / "quickstart.md").write_text(_markdown(result))
+    atomic_write_text(out / "quickstart.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "quickstart.md", _markdown(result))
     console.print(f"wrote {out / 'quickstart.md'} in {result['wall_time_s']} s")
     return result
 

@@ -6,13 +6,30 @@ A run directory holds ``recipe.yaml`` (resolved, every default filled in), ``met
 ``checkpoint.safetensors`` (while and after training), and once finished ``student.safetensors`` +
 ``student.json`` (what rebuilds the network), ``predictions.safetensors``, ``summary.json``,
 ``report.md`` and ``plots/``.
+
+Its lifecycle:
+
+- one process at a time: :func:`run` holds an exclusive ``flock`` on ``.lock`` (which records the holder's
+  pid) for the whole run; the OS lets go of it when the process ends, however it ends;
+- every file is written atomically (a temporary file, then ``os.replace``): a kill or a full disk leaves the
+  old file or the new one, never half of one;
+- finished means ``finished.json`` exists, written last, listing the files the run promises (all present):
+  a run stopped anywhere before it is unfinished, and ``--resume`` finishes it (training complete: the
+  evaluation and the report are done again from the checkpoint);
+- a directory that holds only the recipe of a run that failed before training (bad data, a missing
+  teacher) is reused by the next run, whatever its recipe;
+- ``attempts.jsonl`` gets a line per attempt that reaches training (the first one starts it over), so the
+  summary can say how many attempts its wall time covers.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
+import errno
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +46,7 @@ from alambic.data.batch import INPUT
 from alambic.data.loader import WithoutLabels, make_loader
 from alambic.data.views import AugmentedLoader, ViewMaker
 from alambic.data.splits import DataBundle, Split, build_data
-from alambic.errors import AlambicError, RecipeError, RecipeError, RunDirError, ShapeMismatchError
+from alambic.errors import AlambicError, OutDirError, RecipeError, RunDirError, ShapeMismatchError, WriteError
 from alambic.eval.classification import accuracy, agreement, expected_calibration_error, nll, predict
 from alambic.eval.efficiency import cpu_latency_ms, parameter_count, size_on_disk
 from alambic.export.weights import export_safetensors, load_weights
@@ -37,7 +54,6 @@ from alambic.methods.base import Method
 from alambic.models.heads import DEFAULT_FEATURES, EmbeddingNet
 from alambic.models.zoo import build_model, import_object, is_out_of_memory
 from alambic.probe import CollapseWatch, ProbeCallback, probe_model
-from alambic.recipe.load import dump_recipe
 from alambic.recipe.load import missing_teacher
 from alambic.recipe.schema import Recipe, TeacherSpec
 from alambic.registry import METHODS
@@ -49,10 +65,20 @@ from alambic.teachers.ema import EmaTeacher
 from alambic.teachers.ensemble import TeacherEnsemble
 from alambic.teachers.frozen import FrozenTeacher
 from alambic.teachers.transfer import TransferTeacher
-from alambic.train.loop import Callback, Trainer
+from alambic.train.loop import CHECKPOINT, Callback, Trainer
 from alambic.train.seeding import seed_everything
+from alambic.train.state import atomic_write_text
 
-SUMMARY = "summary.json"
+try:
+    import fcntl
+except ImportError:  # not on Windows: run directories go unlocked there
+    fcntl = None
+
+SUMMARY, PREDICTIONS, REPORT, RECIPE, METRICS = (
+    "summary.json", "predictions.safetensors", "report.md", "recipe.yaml", "metrics.jsonl")
+FINISHED = "finished.json"  # written last: everything it lists is on disk
+LOCK = ".lock"  # flock'ed by the process working in the directory
+ATTEMPTS = "attempts.jsonl"  # one line per attempt that reached training
 
 
 def run(
@@ -70,12 +96,23 @@ def run(
     ``data`` and ``teacher`` let Python callers bring their own (a :class:`DataBundle` from
     :func:`alambic.data.bundle_from_arrays`, any object following the Teacher protocol); they replace the
     recipe's ``data``/``teacher`` sections.
+
+    ``out`` is locked for the whole call: a second process that asks for it meanwhile gets a RunDirError.
     """
     if teacher is None and (problem := missing_teacher(recipe)):
         raise RecipeError(problem)  # before the run directory exists: a fixed recipe may use the same --out
     out = Path(out)
+    lock = lock_run_dir(out)
+    try:
+        return _run(recipe, out, resume, progress, data, teacher, callbacks)
+    finally:
+        os.close(lock)
+
+
+def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBundle | None,
+         teacher: Teacher | None, callbacks: Sequence[Callback]) -> dict[str, Any]:
     if _prepare_run_dir(out, recipe, resume):
-        return json.loads((out / SUMMARY).read_text())
+        return finished_summary(out)
     torch.set_num_threads(cpu_threads(recipe.train.threads))
     data = data if data is not None else build_data(recipe.data)
     seed_everything(recipe.seed)
@@ -123,11 +160,14 @@ def run(
         callbacks.append(watch)
     trainer = Trainer(net, method, loader, recipe.train, teacher=teacher, run_dir=out,
                       val_fn=None if ssl else validate, callbacks=callbacks, progress=progress)
+    attempts = _record_attempt(out, resumed=resume and (out / CHECKPOINT).exists())
     fit = fit_within_memory(trainer, resume, recipe.train.batch_size)
     if hasattr(teacher, "close"):
         teacher.close()
     fit_info = {
         "steps": fit.steps, "epochs": fit.epochs, "wall_time_s": round(fit.wall_time_s, 3),
+        # the training time of every attempt (each one's up to its last checkpoint), not only of the last one
+        "wall_time_covers": f"whole run ({attempts} attempt{'s' if attempts > 1 else ''})",
         "resumed_from_step": fit.resumed_from, "train_samples": len(train),
         "labeled_train_samples": 0 if ssl else int(train.labeled.sum()),
         "labeled_per_batch": getattr(loader, "labeled_per_batch", None),
@@ -196,10 +236,12 @@ def finish_representation(out: Path, recipe: Recipe, data: DataBundle, student: 
                               "test": {"accuracy": t[f"{head}_test"], "knn_accuracy": t["knn_test"]}, "probe": t}
     meta = {"arch": recipe.student.resolved(), "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "class_names": data.class_names, "features": feature}
-    export_safetensors(student, out / STUDENT_WEIGHTS, metadata={"alambic": json.dumps(meta)})
-    (out / STUDENT_META).write_text(json.dumps(meta, indent=2))
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
-    render_report(out)
+    _write(out / STUDENT_WEIGHTS, lambda: export_safetensors(student, out / STUDENT_WEIGHTS,
+                                                             metadata={"alambic": json.dumps(meta)}))
+    _write_text(out / STUDENT_META, json.dumps(meta, indent=2))
+    _write_text(out / SUMMARY, json.dumps(summary, indent=2))
+    _write(out / REPORT, lambda: render_report(out))
+    mark_finished(out)
     return summary
 
 
@@ -236,16 +278,19 @@ def finish(out: Path, recipe: Recipe, data: DataBundle, student: nn.Module, teac
                 params=parameter_count(teacher.model), size_bytes=size_on_disk(teacher.model),
                 latency_ms=cpu_latency_ms(teacher.model, example, batch_size=ev.latency_batch_size,
                                           repeats=ev.latency_repeats, threads=threads))
-    save_file({k: v.contiguous() for k, v in preds.items()}, str(out / "predictions.safetensors"))
+    _write(out / PREDICTIONS, lambda: _atomic_save_file({k: v.contiguous() for k, v in preds.items()},
+                                                        out / PREDICTIONS))
     meta = {"arch": recipe.student.resolved(), "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "class_names": data.class_names}
     deploy = method.deploy_meta()
     if deploy is not None:
         meta["deploy"] = {"method": recipe.method.name, **deploy}
-    export_safetensors(student, out / STUDENT_WEIGHTS, metadata={"alambic": json.dumps(meta)})
-    (out / STUDENT_META).write_text(json.dumps(meta, indent=2))
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
-    render_report(out)
+    _write(out / STUDENT_WEIGHTS, lambda: export_safetensors(student, out / STUDENT_WEIGHTS,
+                                                             metadata={"alambic": json.dumps(meta)}))
+    _write_text(out / STUDENT_META, json.dumps(meta, indent=2))
+    _write_text(out / SUMMARY, json.dumps(summary, indent=2))
+    _write(out / REPORT, lambda: render_report(out))
+    mark_finished(out)
     return summary
 
 
@@ -266,28 +311,188 @@ def _inputs(split: Split, batch_size: int):
 # -- run directories ---------------------------------------------------------------------------------------
 
 
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / SUMMARY).exists() and (run_dir / STUDENT_WEIGHTS).exists()
+def is_finished(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds a finished run: its marker (written last) and every file the marker lists."""
+    run_dir = Path(run_dir)
+    try:
+        files = json.loads((run_dir / FINISHED).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(files, list) and all((run_dir / f).is_file() for f in files)
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any]:
+    """The summary of a finished run; one line naming the file when it cannot be read."""
+    path = run_dir / SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{path} is unreadable ({type(exc).__name__}: {exc}) although the run is marked finished: "
+                          f"delete {run_dir / FINISHED} and run again with --resume to rebuild it") from None
+    return summary
+
+
+def mark_finished(out: Path) -> None:
+    """Write the marker, last: the files this run promises, every one of them on disk by now."""
+    files = [n for n in (RECIPE, METRICS, STUDENT_WEIGHTS, STUDENT_META, PREDICTIONS, SUMMARY, REPORT)
+             if (out / n).is_file()]
+    files += sorted(p.relative_to(out).as_posix() for p in (out / "plots").glob("*") if p.is_file())
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    _write_text(out / FINISHED, json.dumps({"finished_at": stamp, "files": files}, indent=2))
+
+
+def lock_run_dir(out: Path) -> int:
+    """Create ``out`` if needed and lock it for this process (an open descriptor: close it to let go).
+
+    One-line errors for an ``--out`` that is a file, lies under one, cannot be written (usage: exit 2), or
+    is in use by another process."""
+    if out.exists() and not out.is_dir():
+        raise OutDirError(f"--out {out} is a file, not a directory: choose another --out")
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise OutDirError(f"--out {out} lies under {parent}, which is a file: choose another --out")
+            break
+    if out.is_dir() and _held(out) and not (out / RECIPE).exists():
+        raise RunDirError(f"{out} is not empty and holds no alambic run: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OutDirError(f"--out {out} cannot be written ({exc.strerror or exc}): choose another --out") from None
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise RunDirError(f"{out} is in use by another alambic process{pid}: wait for it to end, "
+                          "or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _held(out: Path) -> set[str]:
+    """Names in ``out`` besides the lock and temporary files (a write cut short by a kill)."""
+    return {p.name for p in out.iterdir() if p.name != LOCK and not (p.name.startswith(".") and ".tmp" in p.name)}
 
 
 def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool) -> bool:
-    """Check ``out`` can take this run and record the recipe; True if it already holds the finished run."""
-    saved_path = out / "recipe.yaml"
-    if out.exists() and any(out.iterdir()):
-        if not saved_path.exists():
-            raise RunDirError(f"{out} is not empty and holds no alambic run: choose another --out")
-        state = "a finished" if is_finished(out) else "an unfinished"
+    """Check ``out`` (locked) can take this run and record the recipe; True if it already holds the finished run.
+
+    A directory with nothing but a recorded recipe (a run that failed before training) is reused as if empty."""
+    saved_path = out / RECIPE
+    held = _held(out)
+    if held and RECIPE not in held:
+        raise RunDirError(f"{out} is not empty and holds no alambic run: choose another --out")
+    if held - {RECIPE}:
+        finished = is_finished(out)
         if not resume:
-            raise RunDirError(
-                f"{out} already holds {state} run: pass --resume to continue it, or choose another --out"
-            )
-        diff = first_difference(resolved_again(yaml.safe_load(saved_path.read_text())), recipe.resolved())
-        if diff is not None:
-            raise RunDirError(f"--resume: the recipe differs from {saved_path} at {diff}; start a new run directory")
-        return is_finished(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, saved_path)
+            raise RunDirError(f"{out} already holds {'a finished' if finished else 'an unfinished'} run: "
+                              "pass --resume to continue it, or choose another --out")
+        try:
+            saved = yaml.safe_load(saved_path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise RunDirError(f"--resume: {saved_path} is unreadable ({type(exc).__name__}), so this run cannot be "
+                              "checked against the recipe: choose another --out") from None
+        _check_same_recipe(resolved_again(saved), recipe.resolved(), saved_path)
+        if finished:
+            return True
+        (out / FINISHED).unlink(missing_ok=True)  # a stale marker (a listed file gone): finishing writes it again
+        return False
+    _write_text(saved_path, yaml.safe_dump(recipe.resolved(), sort_keys=False))
     return False
+
+
+def _check_same_recipe(saved: Any, now: Any, saved_path: Path) -> None:
+    """A RunDirError when a resumed run's recipe differs from the saved one, naming the overrides that match."""
+    diff = first_difference(saved, now)
+    if diff is None:
+        return
+    fix = [shlex.quote(o) for o in matching_overrides(saved, now)]
+    shown = " ".join(fix[:8]) + (f" and {len(fix) - 8} more: compare with {saved_path}" if len(fix) > 8 else "")
+    advice = (f"to resume this run, pass the same overrides again ({shown}); or choose another --out to start "
+              "a new run, without this run's checkpoint") if fix else "choose another --out to start a new run"
+    raise RunDirError(f"--resume: the recipe differs from {saved_path} at {diff}; {advice}")
+
+
+def matching_overrides(saved: Any, now: Any, path: str = "") -> list[str]:
+    """Overrides (``key.path=value``) that turn the resolved recipe ``now`` back into ``saved``: key by key in
+    sections with the same keys, the whole value elsewhere (a section of another kind: another method, model)."""
+    if isinstance(saved, dict) and isinstance(now, dict) and (not path or saved.keys() == now.keys()):
+        found = []
+        for key in dict.fromkeys([*saved, *now]):
+            found += matching_overrides(saved.get(key), now.get(key), f"{path}.{key}" if path else str(key))
+        return found
+    if saved == now:
+        return []
+    text = yaml.safe_dump(saved, default_flow_style=True, width=1 << 30).strip()
+    if text.endswith("\n..."):  # a plain scalar's end-of-document line
+        text = text[: -len("\n...")].strip()
+    return [f"{path}={text}"]
+
+
+def _record_attempt(out: Path, resumed: bool) -> int:
+    """Add this attempt to ``attempts.jsonl`` (a fresh start begins it again); the number of attempts."""
+    path = out / ATTEMPTS
+    earlier = []
+    if resumed and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                earlier.append(json.loads(line))
+            except ValueError:
+                break  # a line cut by a kill
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    lines = [*earlier, {"attempt": len(earlier) + 1, "started": stamp, "pid": os.getpid(), "resumed": resumed}]
+    _write_text(path, "".join(json.dumps(r) + "\n" for r in lines))
+    return len(lines)
+
+
+def interrupted_hint(out: Path) -> str:
+    """What a Ctrl-C of ``alambic run --out OUT`` leaves to do, for the CLI's ``interrupted`` line."""
+    if is_finished(out):
+        return f"the run in {out} is finished"
+    if (out / CHECKPOINT).is_file():
+        return f"continue with --resume (the last checkpoint in {out} is intact)"
+    if out.is_dir() and _held(out) - {RECIPE}:
+        return f"{out} has no checkpoint yet: --resume starts its training over"
+    return "nothing was trained yet: run the same command again"
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.EFBIG}  # a full disk or quota, a refused write
+
+
+def _write(path: Path, write: Any) -> Any:
+    """``write()``, which writes ``path`` atomically; a full disk or a refused write is one line naming it."""
+    try:
+        return write()
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}; nothing half-written is left: make room, "
+                         f"then continue with --resume") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write(path, lambda: atomic_write_text(path, text))
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors ``save_file`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resolved_again(saved: Any) -> Any:

@@ -23,7 +23,18 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console | Non
         table.add_row("teacher", f"{t['test']['accuracy']:.4f}", f"{t['test']['ece']:.4f}", "",
                       _fmt(t.get("params"), "{:,}"), _fmt(t.get("latency_ms")))
     console.print(table)
+    _print_resumed(summary, console)
     console.print(f"run directory: {run_dir} (report.md, summary.json, student.safetensors)")
+
+
+def _print_resumed(summary: dict[str, Any], console: Console) -> None:
+    """For a resumed run: its training wall time is the whole run's, every attempt's, not the last one's."""
+    train = summary.get("train") or {}
+    if train.get("resumed_from_step") is None:
+        return
+    covers = train.get("wall_time_covers") or "whole run"
+    console.print(f"resumed at step {train['resumed_from_step']}: the training wall time, "
+                  f"{_fmt(train.get('wall_time_s'), '{:.1f}')} s, covers the {covers}")
 
 
 def _fmt(value: Any, spec: str = "{:.4f}") -> str:
@@ -45,5 +56,6 @@ def _print_representation(summary: dict[str, Any], run_dir: Path, console: Conso
     console.print(table)
     for w in summary.get("warnings") or []:
         console.print(f"[yellow]warning:[/yellow] {w}")
+    _print_resumed(summary, console)
     console.print(f"run directory: {run_dir} (report.md, summary.json, student.safetensors); "
                   f"baselines: alambic probe {run_dir} --baselines")

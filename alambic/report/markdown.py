@@ -27,6 +27,7 @@ from torch import Tensor
 
 from alambic.errors import AlambicError
 from alambic.report.plots import plot_learning_curves, plot_reliability
+from alambic.train.state import atomic_write_text
 
 __all__ = ["load_metrics", "load_predictions", "load_summary", "render_report"]
 
@@ -232,7 +233,8 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         f"- seed: {summary.get('seed', NO_VALUE)}",
         f"- teacher: {'yes' if summary.get('teacher') is not None else 'none'}",
         f"- training: {_fmt(train.get('steps'), 'int')} steps, {_fmt(train.get('epochs'), 'int')} epochs, "
-        f"{_fmt(train.get('wall_time_s'), 'seconds')} wall time",
+        f"{_fmt(train.get('wall_time_s'), 'seconds')} wall time"
+        + (f" (covers the {train['wall_time_covers']})" if train.get("wall_time_covers") else ""),
         f"- test set: {n:,} samples, {c} classes",
     ]
     recipe = (
@@ -270,5 +272,5 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         "",
     ]
     report = run_dir / REPORT
-    report.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(report, "\n".join(lines))  # a kill or a full disk leaves no half report
     return report

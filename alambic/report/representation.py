@@ -15,6 +15,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from alambic.report.plots import _empty, _label, _save
+from alambic.train.state import atomic_write_text
 
 PROBE_JSON = "probe.json"
 
@@ -79,7 +80,8 @@ def render_representation_report(run_dir: Path, summary: dict[str, Any], records
         f"- method: `{summary['method']}` (self-supervised: no label reached training)",
         f"- seed: {summary.get('seed')}",
         f"- representation: tap `{summary.get('feature')}` of the student backbone (the projection head is dropped)",
-        f"- training: {train.get('steps')} steps, {train.get('epochs')} epochs, {train.get('wall_time_s')} s",
+        f"- training: {train.get('steps')} steps, {train.get('epochs')} epochs, {train.get('wall_time_s')} s"
+        + (f" (covers the {train['wall_time_covers']})" if train.get("wall_time_covers") else ""),
         *([f"- views: student {', '.join(train['views']['student'])}; teacher {', '.join(train['views']['teacher'])}"]
           if train.get("views") else []), "",
         "## Probes", "",
@@ -95,5 +97,5 @@ def render_representation_report(run_dir: Path, summary: dict[str, Any], records
     lines += ["## Warnings", ""] + ([f"- {w}" for w in warnings] or ["none"]) + [""]
     lines += ["## Training", "", f"![probe curves]({curves.relative_to(run_dir).as_posix()})", ""]
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(report, "\n".join(lines))  # a kill or a full disk leaves no half report
     return report

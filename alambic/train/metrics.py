@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alambic.train.state import atomic_write_text
+
 
 class MetricsLog:
     def __init__(self, path: Path | None):
@@ -22,7 +24,7 @@ class MetricsLog:
         if self.path is None or not self.path.exists():
             return
         keep = [line for line in read_metrics(self.path) if line.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))  # a kill keeps the old lines
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
