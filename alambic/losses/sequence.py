@@ -24,12 +24,17 @@ One interface for all of them::
 - Reduction: sum over the vocabulary, sum over the valid tokens, divided by ``num_tokens``. Pass the
   valid-token count of the whole optimizer step (every gradient-accumulation chunk, every rank) so that
   summing the chunks' losses gives the loss of the whole batch; the default is this call's own valid
-  count (at least 1, so an empty mask gives 0, with a gradient path, instead of NaN).
+  count (at least 1, so an empty mask gives 0, with a gradient path, instead of NaN). Under DDP, which
+  averages gradients over R ranks, pass the all-reduced count divided by R.
 - ``chunk_size``: tokens per chunk. The valid positions are gathered first and the divergence is
   computed chunk by chunk inside a custom autograd function that forms the gradient with respect to the
   student logits chunk by chunk as it goes, so no autograd graph spanning every token is kept: peak
   extra memory is O(chunk_size × V) plus the logits' own gradient, instead of several [N, V] float32
-  intermediates. ``None`` uses plain autograd over all tokens at once (then twice-differentiable).
+  intermediates. The constant is about ten float32 [chunk_size, V] tensors during a chunk (~2 GB at
+  chunk 1024 and V = 49,152): lower ``chunk_size`` for large vocabularies. The gradient is formed during
+  the forward call (when the student requires grad) and handed to autograd once, so a second backward
+  through the same call raises. ``None`` uses plain autograd over all tokens at once (then it is
+  twice-differentiable and can be back-propagated repeatedly).
 
 Every function returns the true divergence: 0 when the two distributions are equal (not a
 cross-entropy that differs from it by the teacher's entropy). Vocabulary entries that are ``-inf`` in
@@ -124,8 +129,11 @@ def _compute_dtype(logits: Tensor) -> torch.dtype:
 def _logit_rows(row_fn: RowFn, temperature: float, student: Tensor, teacher: Tensor) -> Tensor:
     """Raw logits [n, V] -> log-softmax at temperature τ in float32 (float64 stays) -> ``row_fn`` -> [n]."""
     dtype = _compute_dtype(student)
-    log_s = F.log_softmax(student.to(dtype) / temperature, dim=-1)
-    log_t = F.log_softmax(teacher.to(dtype) / temperature, dim=-1)
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    if temperature != 1.0:  # skip a full [n, V] pass in the common case
+        student, teacher = student / temperature, teacher / temperature
+    log_s = F.log_softmax(student, dim=-1)
+    log_t = F.log_softmax(teacher, dim=-1)
     return row_fn(log_s, log_t)
 
 
@@ -174,7 +182,8 @@ class _ChunkedTokenSum(torch.autograd.Function):
 
     Forward computes, per chunk, the value and the gradient with respect to that chunk's student rows
     (a local autograd pass, freed at once) into one [M, V] buffer, the size of the gradient autograd
-    would produce anyway; backward multiplies it by the incoming gradient (1 for ``loss.backward()``).
+    would produce anyway; backward multiplies it in place by the incoming gradient (1 for
+    ``loss.backward()``) and hands it over, so it can run once only (a second backward raises).
     The gradient is plain autograd's over the unchunked computation: the same operations per row.
     """
 
@@ -183,14 +192,21 @@ class _ChunkedTokenSum(torch.autograd.Function):
                 rows: Callable[[Tensor, Tensor], Tensor], chunk_size: int) -> Tensor:
         grad = torch.zeros_like(student)
         total = _chunk_sum(rows, student, teacher, index, weight, chunk_size, grad)
-        ctx.save_for_backward(grad)
+        ctx.grad = grad  # an intermediate, not an input or output: kept as an attribute, handed over once
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total: Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None, None
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "a chunked token divergence was back-propagated twice (retain_graph=True); its stored "
+                "gradient is handed over on the first backward to save an [N, V] copy: pass chunk_size=None "
+                "to back-propagate through it more than once"
+            )
+        ctx.grad = None
+        return grad.mul_(grad_total.to(grad.dtype)), None, None, None, None, None
 
 
 def _token_divergence(row_fn: RowFn, what: str, student_logits: Tensor, teacher_logits: Tensor,

@@ -317,15 +317,23 @@ def test_chunked_equals_unchunked_in_value_and_gradient(name, kw, chunk_size, ma
     torch.testing.assert_close(grad(chunked, s), grad(plain, s), rtol=0, atol=1e-6)
 
 
-def test_chunked_gradient_scales_with_the_upstream_gradient_and_survives_retain_graph():
+def test_chunked_gradient_scales_with_the_upstream_gradient():
     s = logits(34, dtype=torch.float32).requires_grad_(True)
     t = logits(35, dtype=torch.float32)
-    value = forward_kl(s, t, chunk_size=3)
-    (3.0 * value).backward(retain_graph=True)
-    first = s.grad.clone()
-    s.grad = None
-    value.backward()
-    torch.testing.assert_close(first, 3.0 * s.grad)
+    (3.0 * forward_kl(s, t, chunk_size=3)).backward()
+    torch.testing.assert_close(s.grad, 3.0 * grad(forward_kl(s, t, chunk_size=None), s))
+
+
+def test_a_second_backward_through_the_chunked_path_raises_instead_of_a_wrong_gradient():
+    s = logits(34, dtype=torch.float32).requires_grad_(True)
+    value = forward_kl(s, logits(35, dtype=torch.float32), chunk_size=3)
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="chunk_size=None"):
+        value.backward()
+    # the unchunked path supports it
+    plain = forward_kl(s, logits(35, dtype=torch.float32), chunk_size=None)
+    plain.backward(retain_graph=True)
+    plain.backward()
 
 
 def test_without_grad_the_chunked_path_gives_the_same_value():
