@@ -314,11 +314,24 @@ def _inputs(split: Split, batch_size: int):
 def is_finished(run_dir: str | Path) -> bool:
     """True when ``run_dir`` holds a finished run: its marker (written last) and every file the marker lists."""
     run_dir = Path(run_dir)
+    if not (run_dir / FINISHED).exists() and not (run_dir / ATTEMPTS).exists():
+        return _finished_before_markers(run_dir)
     try:
         files = json.loads((run_dir / FINISHED).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return isinstance(files, list) and all((run_dir / f).is_file() for f in files)
+
+
+def _finished_before_markers(run_dir: Path) -> bool:
+    """A run directory made by an alambic that wrote no marker (nor ``attempts.jsonl``): finished when its
+    summary reads and its report (rendered after the plots, written last) is not empty."""
+    try:
+        summary_ok = isinstance(json.loads((run_dir / SUMMARY).read_text()), dict)
+        return summary_ok and (run_dir / STUDENT_WEIGHTS).is_file() and (run_dir / STUDENT_META).is_file() \
+            and (run_dir / REPORT).stat().st_size > 0
+    except (OSError, ValueError):
+        return False
 
 
 def finished_summary(run_dir: Path) -> dict[str, Any]:

@@ -234,7 +234,7 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         f"- teacher: {'yes' if summary.get('teacher') is not None else 'none'}",
         f"- training: {_fmt(train.get('steps'), 'int')} steps, {_fmt(train.get('epochs'), 'int')} epochs, "
         f"{_fmt(train.get('wall_time_s'), 'seconds')} wall time"
-        + (f" (covers the {train['wall_time_covers']})" if train.get("wall_time_covers") else ""),
+        + (f" for the {train['wall_time_covers']}" if train.get("wall_time_covers") else ""),
         f"- test set: {n:,} samples, {c} classes",
     ]
     recipe = (

@@ -81,7 +81,7 @@ def render_representation_report(run_dir: Path, summary: dict[str, Any], records
         f"- seed: {summary.get('seed')}",
         f"- representation: tap `{summary.get('feature')}` of the student backbone (the projection head is dropped)",
         f"- training: {train.get('steps')} steps, {train.get('epochs')} epochs, {train.get('wall_time_s')} s"
-        + (f" (covers the {train['wall_time_covers']})" if train.get("wall_time_covers") else ""),
+        + (f" for the {train['wall_time_covers']}" if train.get("wall_time_covers") else ""),
         *([f"- views: student {', '.join(train['views']['student'])}; teacher {', '.join(train['views']['teacher'])}"]
           if train.get("views") else []), "",
         "## Probes", "",

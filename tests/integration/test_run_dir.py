@@ -491,3 +491,22 @@ def test_ctrl_c_after_a_checkpoint_says_it_is_intact(tmp_path, capsys):
         assert main(["run", str(TINY / "ce.yaml"), "--out", str(out), "--quiet"]) == 130
     err = capsys.readouterr().err.strip()
     assert "--resume" in err and f"checkpoint in {out} is intact" in err
+
+
+def test_a_run_directory_from_before_the_marker_is_finished_only_when_complete(tmp_path, straight):
+    """An alambic that wrote no finished.json (nor attempts.jsonl) left finished runs that stay finished, and
+    the wedged ones of this issue (a report never written, an empty summary) stay unfinished."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(straight, old)
+    (old / run_module.FINISHED).unlink()
+    (old / run_module.ATTEMPTS).unlink()
+    assert is_finished(old)
+    (old / "report.md").write_text("")
+    assert not is_finished(old)
+    (old / "report.md").unlink()
+    assert not is_finished(old)
+    shutil.copy(straight / "report.md", old / "report.md")
+    (old / "summary.json").write_text("")
+    assert not is_finished(old)
