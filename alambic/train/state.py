@@ -89,7 +89,8 @@ def _reason(exc: BaseException) -> str:
     return found.group(1) if found else " ".join(str(exc).split()) or type(exc).__name__
 
 
-def load(path: Path, what: str = "checkpoint", require_digest: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load(path: Path, what: str = "checkpoint",
+         require_digest: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and JSON metadata of a file :func:`atomic_save` wrote, verified against its digest.
 
     Raises :class:`AlambicError` (one line, naming ``what`` and ``path``) for a missing or unreadable

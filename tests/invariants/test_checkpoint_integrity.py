@@ -227,4 +227,5 @@ def test_non_finite_loss_says_whether_a_checkpoint_exists(tmp_path):
     with pytest.raises(NonFiniteLossError) as info:
         run(load_recipe(tiny_recipe(), ["train.checkpoint_every=3"]), tmp_path / "some", progress=False,
             callbacks=[PoisonAt(4)])
-    assert f"the last good checkpoint (step 3) is kept in {tmp_path / 'some' / 'checkpoint.safetensors'}" in str(info.value)
+    kept = tmp_path / "some" / "checkpoint.safetensors"
+    assert f"the last good checkpoint (step 3) is kept in {kept}" in str(info.value)
