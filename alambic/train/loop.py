@@ -248,7 +248,7 @@ class Trainer:
         st.check_checkpoint(path, tensors, meta, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                             epochs=self.epochs, optimizer=self.optimizer,
                             modules={"student": self.student, "method": self.method},
-                            teacher_fingerprint=self.teacher_fingerprint)
+                            teacher_fingerprint=self.teacher_fingerprint, teacher_name=_teacher_name(self.teacher))
         try:
             self.student.load_state_dict(st.unprefixed("student", tensors))
             self.method.load_state_dict(st.unprefixed("method", tensors))
@@ -298,6 +298,15 @@ def _resume_fingerprint(teacher: Teacher | None) -> str | None:
     if teacher is None or hasattr(teacher, "state_tensors") or not hasattr(teacher, "fingerprint"):
         return None
     return str(teacher.fingerprint())
+
+
+def _teacher_name(teacher: Teacher | None) -> str:
+    """``FrozenTeacher``, ``CachedTeacher(FrozenTeacher)``, ``TeacherEnsemble(FrozenTeacher, ...)``: for messages."""
+    if teacher is None:
+        return "none"
+    inner = getattr(teacher, "teachers", None) or ([teacher.teacher] if hasattr(teacher, "teacher") else [])
+    name = type(teacher).__name__
+    return f"{name}({', '.join(_teacher_name(t) for t in inner)})" if inner else name
 
 
 def _num_samples(loader) -> int:

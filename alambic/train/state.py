@@ -128,7 +128,8 @@ def _is_int(x: Any) -> bool:
 
 def check_checkpoint(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any], *, total_steps: int,
                      steps_per_epoch: int, epochs: int, optimizer: torch.optim.Optimizer,
-                     modules: dict[str, nn.Module], teacher_fingerprint: str | None) -> None:
+                     modules: dict[str, nn.Module], teacher_fingerprint: str | None,
+                     teacher_name: str = "teacher") -> None:
     """Raise a one-line :class:`CheckpointError` naming ``path`` unless the checkpoint fits this run.
 
     Checks every key :meth:`Trainer.load_checkpoint` reads (present, of the right type, in range: ``0 <=
@@ -170,8 +171,9 @@ def check_checkpoint(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any
     if fp is not None and fp != teacher_fingerprint:
         if teacher_fingerprint is None:
             fail(f"was made with a teacher (fingerprint {fp}), this run has none")
-        fail(f"was made with teacher fingerprint {fp}, but this run's teacher has {teacher_fingerprint}: "
-             "the teacher changed since the run started (restore it, or start a new run directory)")
+        fail(f"was made with teacher fingerprint {fp}, but this run's teacher ({teacher_name}) has "
+             f"{teacher_fingerprint}: the teacher changed since the run started (restore it, or start a new run "
+             "directory)")
 
     _check_optimizer(meta["optim"], unprefixed("optim", tensors), optimizer, fail)
     _check_rng(meta["rng"], unprefixed("rng", tensors), fail)

@@ -213,7 +213,7 @@ def test_resume_refuses_a_teacher_swapped_under_the_same_path(tmp_path, teacher_
     with pytest.raises(AlambicError) as info:
         run(recipe, tmp_path / "r", resume=True, progress=False)
     msg = str(info.value)
-    assert "\n" not in msg and str(tmp_path / "r" / "checkpoint.safetensors") in msg and "teacher" in msg
+    assert "\n" not in msg and str(tmp_path / "r" / "checkpoint.safetensors") in msg and "FrozenTeacher" in msg
     assert len(set(re.findall(r"\b[0-9a-f]{16}\b", msg))) == 2, msg  # both fingerprints
 
 
