@@ -5,8 +5,8 @@ entry has its own options checked against that entry's ``Config``. Every problem
 names the full key path, collected into a single :class:`~alambic.errors.RecipeError`.
 
 Hostile input is refused before it costs anything: a file over :data:`MAX_RECIPE_BYTES` or not UTF-8 is not
-parsed; duplicate keys, recursive aliases and documents that aliases expand past :data:`MAX_YAML_VALUES`
-values are refused by the YAML reader; and before pydantic sees a value, every number is checked
+parsed; duplicate keys, recursive aliases, nesting deeper than :data:`MAX_YAML_DEPTH` and documents of more
+than :data:`MAX_YAML_VALUES` values (aliases expanded) are refused by the YAML reader; and before pydantic sees a value, every number is checked
 centrally (:func:`number_problems`): no nan or infinity, no integer beyond 64 bits, and no boolean where
 a field (of the schema or of any registered ``Config``) wants a number. A value echoed in an error is cut
 to :data:`ECHO_CHARS` characters.
@@ -32,6 +32,7 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 MAX_RECIPE_BYTES = 2**20  #: a recipe or suite file is refused above 1 MiB, before it is parsed
 MAX_YAML_VALUES = 100_000  #: values of a YAML document, each alias counted as every value it repeats
+MAX_YAML_DEPTH = 64  #: nesting levels of a YAML document
 ECHO_CHARS = 80  #: a value echoed in an error message is cut to this many characters
 MAX_LINE_CHARS = 400  #: an error line is cut to this many characters
 
@@ -55,16 +56,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"recipe file not found: {path}")
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{path}: {_bytes(size)} is over the limit of {_bytes(MAX_RECIPE_BYTES)} for a recipe file")
+        raise RecipeError(f"{path}: {_bytes(size)} is over the limit of {_bytes(MAX_RECIPE_BYTES)} for a YAML file")
     with path.open("rb") as f:
         raw = f.read(MAX_RECIPE_BYTES + 1)
     if len(raw) > MAX_RECIPE_BYTES:  # grew since stat
-        raise RecipeError(f"{path}: over the limit of {_bytes(MAX_RECIPE_BYTES)} for a recipe file")
+        raise RecipeError(f"{path}: over the limit of {_bytes(MAX_RECIPE_BYTES)} for a YAML file")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise RecipeError(f"{path}: not a UTF-8 text file (byte {exc.start} is {raw[exc.start:exc.start + 1]!r}): "
-                          "a recipe is YAML text") from None
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte {exc.start} is {raw[exc.start:exc.start + 1]!r}), "
+                          "so not YAML") from None
     data = parse_yaml(text, str(path))
     if data is None:
         return {}
@@ -78,10 +79,12 @@ def parse_yaml(text: str, where: str) -> Any:
     :data:`MAX_YAML_VALUES` values once aliases are expanded. Errors name ``where`` (and the line)."""
     loader = _Loader(text)
     try:
+        aliases = _prescan(text, where)
         node = loader.get_single_node()
         if node is None:
             return None
-        _check_expansion(node, where)
+        if aliases:
+            _check_expansion(node, where)
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -101,7 +104,7 @@ class _YamlSyntaxError(RecipeError):
     """Text that is not YAML at all (an override value then stays the text itself)."""
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml parses 1 MiB in a second, not a minute
     """The safe loader, refusing a key given twice in one mapping (YAML would keep only the last)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -122,6 +125,33 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _prescan(text: str, where: str) -> bool:
+    """Walk the YAML events (no tree is built) and stop at the first of MAX_YAML_DEPTH nesting levels or
+    MAX_YAML_VALUES values: libyaml's composer recurses (a deep document crashes the process) and its
+    parser slows down with depth. True when the document has aliases."""
+    loader = _Loader(text)
+    depth = values = aliases = 0
+    try:
+        while not isinstance(event := loader.get_event(), yaml.StreamEndEvent):
+            if isinstance(event, yaml.AliasEvent):
+                aliases += 1
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+            elif isinstance(event, (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                values += 1
+                if values > MAX_YAML_VALUES:
+                    raise RecipeError(f"{where}:{event.start_mark.line + 1}: holds more than {MAX_YAML_VALUES} "
+                                      "values: refused")
+                if not isinstance(event, yaml.ScalarEvent):
+                    depth += 1
+                    if depth > MAX_YAML_DEPTH:
+                        raise RecipeError(f"{where}:{event.start_mark.line + 1}: invalid YAML: nested deeper than "
+                                          f"{MAX_YAML_DEPTH} levels")
+    finally:
+        loader.dispose()
+    return aliases > 0
+
+
 def _check_expansion(root: yaml.Node, where: str) -> None:
     """Refuse a recursive alias, and a document whose aliases expand it past MAX_YAML_VALUES values
     (a "billion laughs" costs nothing to parse: only whoever walks the expanded data pays)."""
@@ -138,7 +168,7 @@ def _check_expansion(root: yaml.Node, where: str) -> None:
             on_path.discard(id(node))
             sizes[id(node)] = total = 1 + sum(sizes[id(c)] for c in children)
             if total > MAX_YAML_VALUES:
-                raise RecipeError(f"{where}:{node.start_mark.line + 1}: aliases expand this value past "
+                raise RecipeError(f"{where}:{node.start_mark.line + 1}: aliases expand this value to more than "
                                   f"{MAX_YAML_VALUES} values (an alias bomb?): refused")
             continue
         if id(node) in on_path:
