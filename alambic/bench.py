@@ -55,7 +55,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from alambic.errors import AlambicError, RecipeError, RunDirError
-from alambic.recipe.load import _deep_copy, apply_override, format_errors, load_recipe, missing_teacher, read_yaml
+from alambic.recipe.load import (_deep_copy, apply_override, format_errors, load_recipe, missing_teacher,
+                                 number_problems, read_yaml)
 from alambic.recipe.schema import Recipe, Strict
 from alambic.registry import METHODS
 from alambic.run import SUMMARY, first_difference, is_finished, resolved_again, run
@@ -169,6 +170,8 @@ def load_suite(source: str | Path | dict[str, Any]) -> tuple[Suite, Path]:
         if not path.is_file():
             raise RecipeError(f"suite file not found: {path}")
         data, root = read_yaml(path), path.parent
+    if hostile := number_problems(data, Suite):  # nan, 65-bit integers, workers: true
+        raise RecipeError("\n".join(hostile))
     try:
         suite = Suite.model_validate(data)
     except ValidationError as exc:

@@ -215,6 +215,17 @@ def test_binary_suite_and_file_as_out_are_one_line(tmp_path, capsys):
     assert taken.read_text() == "a file"
 
 
+def test_suite_numbers_are_checked_like_a_recipe(tmp_path):
+    from alambic.bench import load_suite
+
+    suite = {"name": "s", "methods": {"ce": {}}}
+    for key, value, msg in (("workers", True, "workers: must be a number, not a boolean"),
+                            ("seeds", [0, 2**64], "seeds.1: must fit in 64 bits"),
+                            ("base", {"train": {"lr": math.inf}}, "base.train.lr: must be a finite number")):
+        with pytest.raises(RecipeError, match=msg):
+            load_suite({**suite, key: value})
+
+
 def test_suite_duplicate_keys_and_bombs(tmp_path, capsys):
     suite = tmp_path / "suite.yaml"
     suite.write_text("name: s\nmethods: {ce: {}}\nname: t\n")
