@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (default 0.07)")
     pr.add_argument("--feature", default=None, help="tap path of the representation (default: the run's)")
     pr.add_argument("--baselines", action="store_true", help="also probe raw pixels and the untrained network")
+    pr.add_argument("--trust-code", action="store_true",
+                    help="let a run whose student.json names a user factory (arch: module) import and run it")
     pr.set_defaults(func=_probe)
 
     e = sub.add_parser("export", help="export a run's student (ONNX is checked against PyTorch)")
@@ -245,7 +247,7 @@ def _probe(args) -> int:
     if args.k < 1 or args.temperature <= 0:
         raise RecipeError(f"probe: --k must be >= 1 and --temperature > 0, got {args.k} and {args.temperature}")
     result = probe_run(args.run_dir, k=args.k, temperature=args.temperature, feature=args.feature,
-                       baselines=args.baselines)
+                       baselines=args.baselines, trust_code=args.trust_code)
     print(format_probe(result))
     print(f"wrote {args.run_dir / 'probe.json'}")
     if result.get("report"):

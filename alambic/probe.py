@@ -194,7 +194,7 @@ class CollapseWatch(Callback):
 
 
 def probe_run(run_dir: str | Path, *, k: int = 20, temperature: float = 0.07, feature: str | None = None,
-              baselines: bool = False, write: bool = True) -> dict[str, Any]:
+              baselines: bool = False, write: bool = True, trust_code: bool = False) -> dict[str, Any]:
     """``alambic probe RUN_DIR``: probe the finished student of a run (and, if asked, the baselines).
 
     The data are rebuilt from the run's recipe (the same split); the feature path is the one the run
@@ -203,6 +203,8 @@ def probe_run(run_dir: str | Path, *, k: int = 20, temperature: float = 0.07, fe
     on the raw pixels (cached by data fingerprint: :func:`cached_pixel_baseline`) and on the same
     architecture at the run's seed before training. The result is written to ``RUN_DIR/probe.json`` and
     ``RUN_DIR/report.md`` is rendered again so that it shows it; then ``report`` is the report's path.
+    A run whose student is a user factory (``arch: module``) is probed only with ``trust_code`` (see
+    :func:`alambic.student.load_student`): a received run directory never runs code on its own.
     """
     from alambic.data.splits import build_data
     from alambic.models.heads import DEFAULT_FEATURES
@@ -215,7 +217,7 @@ def probe_run(run_dir: str | Path, *, k: int = 20, temperature: float = 0.07, fe
     if not (run_dir / "recipe.yaml").exists():
         raise RunDirError(f"{run_dir} holds no alambic run (no recipe.yaml)")
     recipe = load_recipe(run_dir / "recipe.yaml")
-    model, meta = load_student(run_dir)
+    model, meta = load_student(run_dir, trust_code=trust_code)  # before the baselines rebuild its arch
     path = feature or meta.get("features") or DEFAULT_FEATURES.get(recipe.student.arch)
     if path is None:
         raise AlambicError(f"probe: no default representation for model '{recipe.student.arch}': pass --feature")

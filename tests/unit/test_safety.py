@@ -250,3 +250,12 @@ def test_born_again_trusts_only_the_factory_of_the_users_own_recipe(tmp_path):
     assert own["teacher"] == {"run": str(tmp_path / "gen0"), "trust_code": True}
     assert "trust_code" not in generation_recipe({"student": {"arch": "mlp"}}, 1, tmp_path)["teacher"]
     validate(own, files=False)
+
+
+def test_probe_refuses_a_run_whose_student_json_names_a_factory(tmp_path, marker, capsys):
+    rd = _factory_run(tmp_path)
+    (rd / "recipe.yaml").write_text("student: {module: alambic_marker_factory:make}\n")
+    code = main(["probe", str(rd), "--baselines"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not marker.exists()  # neither the student nor the baseline's rebuild ran it
+    assert len(err) == 1 and "student.json" in err[0] and "--trust-code" in err[0]
