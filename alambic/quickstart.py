@@ -1,11 +1,14 @@
 """``alambic quickstart``: does distillation pay off on your machine? One command, about a minute.
 
-On scikit-learn's digits (embedded, no download) it trains (or reuses) a wide teacher on every training
-label, then a ~70x smaller student twice over 3 seeds: alone on the 10% of training images that keep their
-labels (``ce``), and distilled (``kd``: those labels plus the teacher's soft labels on all training images).
-It prints test accuracy mean ± std, parameters and CPU latency, and writes every run directory plus
-``quickstart.md``/``quickstart.json`` under ``--out``. Test accuracy is read once, at the end of each run;
-nothing is tuned on it. The recipes live in ``alambic/recipes/quickstart/``.
+On scikit-learn's digits (embedded, no download) it trains (or reuses) a small CNN teacher (19,562
+parameters) on every training label, then a 16x smaller MLP student (1,210 parameters) twice over 3
+seeds, each for 3,000 steps: alone on the 10% of training images that keep their labels (``ce``), and
+distilled (``kd``: those labels plus the teacher's soft labels on all training images). It prints test
+accuracy mean ± std, parameters and CPU latency, and writes every run directory plus
+``quickstart.md``/``quickstart.json`` under ``--out``. Measured on a 2-core CPU shared with other jobs:
+teacher 0.9861 test accuracy, ``ce`` 0.8700 ± 0.0080, ``kd`` 0.9396 ± 0.0032, 58 s in all. Test accuracy
+is read once, at the end of each run; every recipe choice (the teacher's architecture and schedule, the
+students' budget) was made on validation accuracy. The recipes live in ``alambic/recipes/quickstart/``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import statistics
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -31,19 +34,22 @@ def recipe_path(name: str) -> Path:
 
 
 def quickstart(out: str | Path = "runs/quickstart", seeds: int = 3, progress: bool = True,
-               console: Console | None = None) -> dict[str, Any]:
+               console: Console | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run (or reuse) the teacher and both students; ``overrides`` (``key=value``) apply to every run
+    (the tests shorten it with ``train.steps=...``)."""
     console = console or Console()
     out = Path(out)
     started = time.perf_counter()
     console.print(f"[bold]alambic quickstart[/] -> {out}  (digits; teacher on all labels, students on 10%)")
     teacher_dir = out / "teacher"
     try:
-        teacher = run(load_recipe(recipe_path("teacher")), teacher_dir, resume=True, progress=progress)
+        teacher = run(load_recipe(recipe_path("teacher"), list(overrides)), teacher_dir, resume=True,
+                      progress=progress)
         rows: dict[str, list[dict[str, Any]]] = {"student-ce": [], "student-kd": []}
         for seed in range(seeds):
             for name in rows:
-                overrides = [f"seed={seed}"] + ([f"teacher.run={teacher_dir}"] if name == "student-kd" else [])
-                summary = run(load_recipe(recipe_path(name), overrides), out / f"{name}-seed{seed}",
+                extra = [f"seed={seed}"] + ([f"teacher.run={teacher_dir}"] if name == "student-kd" else [])
+                summary = run(load_recipe(recipe_path(name), [*overrides, *extra]), out / f"{name}-seed{seed}",
                               resume=True, progress=progress)
                 rows[name].append(summary)
     except RunDirError as exc:  # finished runs are reused; ones made by other recipes are never overwritten

@@ -130,15 +130,29 @@ def test_quickstart_reuses_finished_runs_and_names_a_stale_directory(tmp_path):
     from alambic.errors import RunDirError
     from alambic.quickstart import quickstart
 
-    first = quickstart(tmp_path / "qs", seeds=2, progress=False)
+    short = ["train.steps=20"]  # every run, the teacher's included, shortened to 20 steps
+    first = quickstart(tmp_path / "qs", seeds=2, progress=False, overrides=short)
     ce, kd = first["models"]["student-ce"], first["models"]["student-kd"]
     assert ce["seeds"] == kd["seeds"] == 2 and ce["params"] == kd["params"] < first["models"]["teacher"]["params"]
-    again = quickstart(tmp_path / "qs", seeds=2, progress=False)  # every run finished: nothing retrains
+    again = quickstart(tmp_path / "qs", seeds=2, progress=False, overrides=short)  # all finished: nothing retrains
     assert again["models"] == first["models"]
     recipe = tmp_path / "qs" / "student-ce-seed0" / "recipe.yaml"
     recipe.write_text(recipe.read_text().replace("lr: 0.003", "lr: 0.004"))
     with pytest.raises(RunDirError, match=r"another version of the quickstart: delete .* or pass --out DIR"):
-        quickstart(tmp_path / "qs", seeds=2, progress=False)
+        quickstart(tmp_path / "qs", seeds=2, progress=False, overrides=short)
+
+
+def test_quickstart_recipes_pit_a_cnn_teacher_against_students_on_the_same_budget():
+    import yaml
+
+    from alambic.quickstart import recipe_path
+
+    # read as written (load_recipe would want student-kd's teacher run to exist already)
+    teacher, ce, kd = (yaml.safe_load(recipe_path(n).read_text()) for n in ("teacher", "student-ce", "student-kd"))
+    assert teacher["student"]["arch"] == "cnn" and teacher["data"]["labeled_fraction"] == 1.0
+    assert ce["data"] == kd["data"] and kd["data"]["labeled_fraction"] == 0.1
+    assert ce["student"] == kd["student"] and ce["train"] == kd["train"] and "steps" in ce["train"]  # same budget
+    assert (ce["method"]["name"], kd["method"]["name"]) == ("ce", "kd")
 
 
 def test_cache_lists_each_kind_and_clears_only_what_is_named(tmp_path, monkeypatch, capsys):
