@@ -6,7 +6,7 @@ seeds, each for 3,000 steps: alone on the 10% of training images that keep their
 distilled (``kd``: those labels plus the teacher's soft labels on all training images). It prints test
 accuracy mean ± std, parameters and CPU latency, and writes every run directory plus
 ``quickstart.md``/``quickstart.json`` under ``--out``. Measured on a 2-core CPU shared with other jobs:
-teacher 0.9861 test accuracy, ``ce`` 0.8700 ± 0.0080, ``kd`` 0.9396 ± 0.0032, 58 s in all. Test accuracy
+teacher 0.9861 test accuracy, ``ce`` 0.8700 ± 0.0080, ``kd`` 0.9396 ± 0.0032, 40 s in all. Test accuracy
 is read once, at the end of each run; every recipe choice (the teacher's architecture and schedule, the
 students' budget) was made on validation accuracy. The recipes live in ``alambic/recipes/quickstart/``.
 """
