@@ -203,8 +203,6 @@ def finish_representation(out: Path, recipe: Recipe, data: DataBundle, student: 
     evaluation; the kNN's with ``eval.linear_probe: false``), beside ``knn_accuracy``; the deployed student is the backbone without its projection
     head, with ``features`` (the tap path of its representation) in ``student.json``.
     """
-    from alambic.report import render_report
-
     ev = recipe.eval
     threads = recipe.train.threads or 1
     def probed(model: nn.Module, path: str) -> tuple[dict[str, Any], str]:
@@ -236,20 +234,12 @@ def finish_representation(out: Path, recipe: Recipe, data: DataBundle, student: 
                               "test": {"accuracy": t[f"{head}_test"], "knn_accuracy": t["knn_test"]}, "probe": t}
     meta = {"arch": recipe.student.resolved(), "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "class_names": data.class_names, "features": feature}
-    _write(out / STUDENT_WEIGHTS, lambda: export_safetensors(student, out / STUDENT_WEIGHTS,
-                                                             metadata={"alambic": json.dumps(meta)}))
-    _write_text(out / STUDENT_META, json.dumps(meta, indent=2))
-    _write_text(out / SUMMARY, json.dumps(summary, indent=2))
-    _write(out / REPORT, lambda: render_report(out))
-    mark_finished(out)
-    return summary
+    return _write_finished(out, student, meta, summary)
 
 
 def finish(out: Path, recipe: Recipe, data: DataBundle, student: nn.Module, teacher: Teacher | None,
            method: Method, fit_info: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the deployed student on val and test; write it, its predictions, the summary and the report."""
-    from alambic.report import render_report
-
     ev = recipe.eval
     threads = recipe.train.threads or 1
     example = data.test.x[:1]
@@ -285,6 +275,14 @@ def finish(out: Path, recipe: Recipe, data: DataBundle, student: nn.Module, teac
     deploy = method.deploy_meta()
     if deploy is not None:
         meta["deploy"] = {"method": recipe.method.name, **deploy}
+    return _write_finished(out, student, meta, summary)
+
+
+def _write_finished(out: Path, student: nn.Module, meta: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """The last writes of a run, each atomic: the student and its metadata, the summary, the report, and
+    the marker that says the run is finished (written last)."""
+    from alambic.report import render_report
+
     _write(out / STUDENT_WEIGHTS, lambda: export_safetensors(student, out / STUDENT_WEIGHTS,
                                                              metadata={"alambic": json.dumps(meta)}))
     _write_text(out / STUDENT_META, json.dumps(meta, indent=2))
