@@ -609,6 +609,13 @@ def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None
 _HINTED = False  # the composed-batch hint was printed by this process (a bench or the quickstart runs many)
 
 
+def mute_composed_batch_hint() -> None:
+    """Do not print the composed-batch hint in this process (a caller that has measured composed batches on
+    its own setting, as the quickstart has: they did not help there)."""
+    global _HINTED
+    _HINTED = True
+
+
 def _hint_composed_batches(train: Split, batch_size: int) -> None:
     """One line on stderr, once per process, when uniform batches leave a label-reading method few labelled
     rows per batch."""

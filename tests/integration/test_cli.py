@@ -172,3 +172,14 @@ def test_cache_lists_each_kind_and_clears_only_what_is_named(tmp_path, monkeypat
     assert cli(["cache", "--clear", "nope"]) == 2
     assert "unknown cache kind(s) ['nope']" in capsys.readouterr().out
     assert cli(["cache", "--clear"]) == 0 and not (tmp_path / "glyphs").exists()
+
+
+def test_the_quickstart_does_not_print_the_composed_batch_hint(tmp_path, capsys, monkeypatch):
+    """Composed batches did not help the quickstart's students on validation: its demo must not advise them."""
+    import sys
+
+    from alambic.quickstart import quickstart
+
+    monkeypatch.setattr(sys.modules["alambic.run"], "_HINTED", False)
+    quickstart(tmp_path / "qs", seeds=1, progress=False, overrides=["train.steps=5"])
+    assert "labeled_per_batch" not in capsys.readouterr().err
