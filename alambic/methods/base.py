@@ -144,6 +144,12 @@ class Method(nn.Module):
         """The deployed wrapper around a freshly built ``student``, from :meth:`deploy_meta` (weights loaded later)."""
         raise NotImplementedError(f"{cls.__name__} does not wrap its student at deployment")
 
+    def chunk_weight(self, chunk: Batch, whole: Batch) -> float:
+        """Weight of a grad-accumulation chunk's loss in its step, so the weighted chunk losses sum to the loss
+        of ``whole`` in one piece. Default: the chunk's share of rows (a loss that is a mean over rows); a
+        loss that is a mean over tokens returns the chunk's share of valid tokens instead."""
+        return len(chunk) / len(whole)
+
     def schedules(self, info: SetupInfo) -> dict[str, np.ndarray]:
         """Per-step values (one per optimizer step) the loop hands over as ``ctx.values[name]``."""
         return {}

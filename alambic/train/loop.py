@@ -109,12 +109,13 @@ class Trainer:
             out = self._forward(batch, ctx)
             out.loss.backward()
             total, terms, monitors = out.loss.detach(), dict(out.terms), dict(out.monitors)
-        else:  # chunks weighted by their share of the batch: the mean over the batch, as one big step
+        else:  # chunks weighted by the method's chunk_weight (rows share; token share for token losses): one big step
             n = len(batch)
             total, terms, monitors = torch.zeros(()), {}, {}
             for rows in _chunks(n, self.cfg.grad_accum):
-                weight = (rows.stop - rows.start) / n
-                out = self._forward(batch.select(rows), ctx)
+                chunk = batch.select(rows)
+                weight = self.method.chunk_weight(chunk, batch)
+                out = self._forward(chunk, ctx)
                 (out.loss * weight).backward()
                 total = total + out.loss.detach() * weight
                 for k, v in out.terms.items():
