@@ -140,11 +140,19 @@ def _logit_rows(row_fn: RowFn, temperature: float, student: Tensor, teacher: Ten
 # ------------------------------------------------------------------------------------- chunked reduction
 
 
-def _chunk_sum(rows: Callable[[Tensor, Tensor], Tensor], student: Tensor, teacher: Tensor,
+def _take_rows(teacher: Tensor | tuple[Tensor, ...], rows: slice | Tensor) -> Tensor | tuple[Tensor, ...]:
+    """Rows of the teacher side: one [M, ...] tensor or a tuple of them (sparse top-k ids and values)."""
+    if isinstance(teacher, tuple):
+        return tuple(_take_rows(t, rows) for t in teacher)
+    return teacher[rows] if isinstance(rows, slice) else teacher.index_select(0, rows)
+
+
+def _chunk_sum(rows: Callable[[Tensor, Tensor], Tensor], student: Tensor, teacher: Tensor | tuple[Tensor, ...],
                index: Tensor | None, weight: Tensor, chunk_size: int, grad: Tensor | None) -> Tensor:
     """``weight · Σ`` over the selected rows of ``rows(student_rows, teacher_rows)``, a chunk at a time.
 
-    ``student``/``teacher``: [M, V]; ``index``: [N] rows to use (``None``: all M); ``weight``: a scalar
+    ``student``: [M, V]; ``teacher``: [M, V], or a tuple of [M, ...] tensors (the sparse losses of
+    :mod:`alambic.losses.sparse_sequence`), whose rows are taken alike; ``index``: [N] rows to use (``None``: all M); ``weight``: a scalar
     (τ²/num_tokens). When ``grad`` (an [M, V] buffer of zeros) is given, each chunk's gradient of its
     weighted sum with respect to its student rows is written into it, and the chunk's graph is freed
     before the next chunk starts. Weighting inside the chunk, in the compute dtype, rounds a half
@@ -155,10 +163,10 @@ def _chunk_sum(rows: Callable[[Tensor, Tensor], Tensor], student: Tensor, teache
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         if index is None:
-            s, t = student[start:stop], teacher[start:stop]
+            s, t = student[start:stop], _take_rows(teacher, slice(start, stop))
         else:
             rows_idx = index[start:stop]
-            s, t = student.index_select(0, rows_idx), teacher.index_select(0, rows_idx)
+            s, t = student.index_select(0, rows_idx), _take_rows(teacher, rows_idx)
         if grad is None:
             total += rows(s, t).sum() * weight
             continue

@@ -16,10 +16,24 @@ from alambic.data.batch import Batch
 
 
 @dataclass
+class SparseLogits:
+    """A language-model teacher known by its top-k log-probabilities per position (an offline logit cache,
+    :mod:`alambic.teachers.topk`), read by the losses of :mod:`alambic.losses.sparse_sequence`."""
+
+    ids: Tensor  # [B, T, k] int64 token ids (0 where ``mask`` is False)
+    logprobs: Tensor  # [B, T, k] float32 teacher log-probabilities at ``ids`` (0 where ``mask`` is False)
+    mask: Tensor  # [B, T] bool: the positions the cache covers (the batch's completion tokens)
+    tail: str = "bucket"  # the tail policy the cache was written for: "bucket" or "renormalize"
+    tail_logprob: Tensor | None = None  # [B, T] float32 log of the teacher's mass outside ``ids`` (bucket)
+    vocab_size: int = 0  # the vocabulary the ids index: cut the student's logits to it
+
+
+@dataclass
 class ModelOutput:
     logits: Tensor | None
     features: dict[str, Tensor] = field(default_factory=dict)  # tap or head name -> tensor
     members: list["ModelOutput"] = field(default_factory=list)  # an ensemble's per-teacher outputs
+    sparse: SparseLogits | None = None  # a cached LM teacher's top-k (then ``logits`` is None)
 
 
 @runtime_checkable
