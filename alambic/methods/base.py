@@ -72,6 +72,7 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = False
     uses_unlabeled: ClassVar[bool] = False
     self_supervised: ClassVar[bool] = False  # trains on every sample without its label; evaluated by probes
+    modality: ClassVar[str] = "tensor"  # "text": a language method, its run assembled by alambic.language_run
     student_views: tuple[str, ...] = (INPUT,)
     teacher_views: tuple[str, ...] = (INPUT,)
 
