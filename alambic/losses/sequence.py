@@ -155,8 +155,8 @@ def _chunk_sum(rows: Callable[[Tensor, Tensor], Tensor], student: Tensor, teache
     :mod:`alambic.losses.sparse_sequence`), whose rows are taken alike; ``index``: [N] rows to use
     (``None``: all M); ``weight``: a scalar (τ²/num_tokens). When ``grad`` (an [M, V] buffer of zeros)
     is given, each chunk's gradient of its weighted sum with respect to its student rows is written into
-    it, and the chunk's graph is freed before the next chunk starts. Weighting inside the chunk, in the compute dtype, rounds a half
-    precision gradient once, as plain autograd does.
+    it, and the chunk's graph is freed before the next chunk starts. Weighting inside the chunk, in the
+    compute dtype, rounds a half precision gradient once, as plain autograd does.
     """
     n = student.shape[0] if index is None else index.numel()
     total = torch.zeros((), dtype=_compute_dtype(student), device=student.device)
