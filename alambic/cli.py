@@ -130,12 +130,67 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_bench)
 
+    gen = sub.add_parser("generate", help="a teacher's completions of a prompts file as a JSONL dataset with "
+                                          "provenance (sequence-level KD, Self-Data Distillation rewrites)")
+    _generate_arguments(gen)
+    gen.set_defaults(func=_generate)
+
     c = sub.add_parser("cache", help="what alambic keeps under $ALAMBIC_CACHE (rendered glyphs, probes, teacher "
                                      "outputs), and clearing it")
     c.add_argument("--clear", nargs="*", metavar="KIND", default=None,
                    help="delete these kinds (glyphs, probes, teachers; none named: all): they are rebuilt on use")
     c.set_defaults(func=_cache)
     return p
+
+
+def _generate_arguments(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument("--teacher", required=True, help="the teacher: a local directory or hub name (hf: allowed)")
+    gen.add_argument("--gguf-file", default=None, help="a GGUF file inside --teacher")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--prompts", type=Path, required=True, help="prompt/completion JSONL, chat JSONL or plain text")
+    gen.add_argument("--format", default="prompt_completion", choices=["prompt_completion", "chat", "plain"])
+    gen.add_argument("--out", type=Path, required=True, help="the dataset (JSONL); OUT.manifest.json beside it")
+    gen.add_argument("--mode", default="generate", choices=["generate", "rewrite"],
+                     help="rewrite: the teacher restates each original response (Self-Data Distillation)")
+    gen.add_argument("--template", default=None, help="rewrite prompt with {prompt} and {response}, or @FILE")
+    gen.add_argument("--chat-template", action="store_true", help="send prompts as a user turn of the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--max-prompt-tokens", type=int, default=1024)
+    gen.add_argument("--min-tokens", type=int, default=1, help="drop completions shorter than this")
+    gen.add_argument("--max-tokens", type=int, default=None, help="drop completions longer than this")
+    gen.add_argument("--keep-unfinished", action="store_true", help="keep completions cut at --max-new-tokens")
+    gen.add_argument("--no-dedupe", dest="dedupe", action="store_false", help="keep exact duplicates")
+    gen.add_argument("--check", default=None, help="answer check: exact:FIELD, contains:FIELD or pkg.mod:fn")
+    gen.add_argument("--no-fallback", dest="fallback", action="store_false",
+                     help="drop a rejected generation instead of keeping the original response")
+    gen.add_argument("--limit", type=int, default=None, help="the first N prompts only")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    gen.add_argument("--overwrite", action="store_true", help="start over instead of continuing OUT")
+    gen.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _generate(args) -> int:
+    from alambic.generation.dataset import GenerateError, generate_dataset
+
+    template = args.template
+    if template is not None and template.startswith("@"):
+        try:
+            template = Path(template[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GenerateError(f"--template {args.template}: cannot read it ({exc})") from None
+    keys = ("teacher", "gguf_file", "dtype", "prompts", "format", "mode", "chat_template", "max_new_tokens",
+            "temperature", "top_p", "seed", "batch_size", "max_prompt_tokens", "min_tokens", "max_tokens",
+            "keep_unfinished", "dedupe", "check", "fallback", "limit", "device")
+    cfg = {k: getattr(args, k) for k in keys}
+    cfg["template"] = template
+    say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    generate_dataset(cfg, args.out, overwrite=args.overwrite, say=say)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _cache(args) -> int:
