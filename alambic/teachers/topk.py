@@ -1,0 +1,437 @@
+"""Offline teacher logits for language-model distillation: a causal LM's top-k log-probabilities, once.
+
+A teacher LM's forward pass is most of the cost of token-level distillation, and it is the same every
+epoch and for every student. :func:`write_topk_cache` runs it once over a tokenised text dataset and keeps,
+for every position the loss covers (the completion tokens: ``target != IGNORE_INDEX``), the teacher's k
+most likely token ids and their log-probabilities; :class:`CachedTopKTeacher` serves them back by
+``Batch.index`` as :class:`~alambic.teachers.base.SparseLogits`, for the losses of
+:mod:`alambic.losses.sparse_sequence`. The idea is the "offline" mode of DistillKit (arcee-ai) and of
+Megatron-LM's offline-logits KD; Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
+Distillation in LLMs", ACL 2025, arXiv:2503.16870, show that the top-k alone is a biased picture of the
+teacher, so the tail policy (``renormalize`` or ``bucket``) is explicit and recorded.
+
+**Layout** of the cache folder::
+
+    manifest.json                 what the cache is (below); written last, after every shard
+    shard-00000.safetensors       samples in ascending sample-id order, ``shard_samples`` per shard
+    shard-00001.safetensors ...
+
+A shard holds ``sample_ids`` [S] int64 and ``offsets`` [S + 1] int64 (sample ``sample_ids[j]``'s rows are
+``offsets[j]:offsets[j+1]``, one per covered position in position order), ``ids`` [P, k] (uint16 when the
+vocabulary has at most 65,536 tokens, else int32), ``logprobs`` [P, k] (float16 by default) sorted by
+decreasing probability and, for the bucket policy, ``tail_logprob`` [P]: the log of the teacher's mass
+outside the k ids, computed in float32 as a log-sum-exp over the other logits (no ``1 − Σ p``
+cancellation, which 16-bit values would make coarse). Each shard carries the digests of
+:mod:`alambic.integrity` and is written atomically (temporary file, fsync, rename).
+
+``manifest.json``: ``format``, ``version``, ``teacher`` / ``tokenizer`` / ``data`` fingerprints, ``k``,
+``tail``, ``value_dtype``, ``index_dtype``, ``vocab_size``, ``num_samples``, ``shard_samples``, ``shards``
+(each: ``file``, ``first_id``, ``last_id``, ``samples``, ``tokens``, ``bytes``, ``digest``: a hash of the
+shard's own integrity record, so a shard of another cache is refused), ``complete``, ``tokens``,
+``bytes``. Reading a cache made for another teacher, tokenizer, data, k or tail is refused in one line
+naming the fields that differ; the writer rebuilds it only when asked (``rebuild=True``).
+
+**Resuming**: the manifest is rewritten (atomically) after each shard, so a killed writer, run again with
+the same arguments, continues after the last shard it lists; a shard file it does not list is rewritten.
+
+**Values in float16, not bfloat16.** Log-probabilities of the top-k lie in about [-30, 0]: far inside
+float16's range (|x| < 65,504; ``-inf`` is kept), so bfloat16's wider exponent buys nothing, while
+float16's 10-bit mantissa is 8x finer than bfloat16's 7 bits: a relative error of at most 2^-11 ≈ 4.9e-4
+of the log-probability (an absolute 5e-6 on a log p of -0.01, where bfloat16 would give 4e-5). That
+error is measured by the tests and ``benchmarks/topk_cache.py``. ``value_dtype="float32"`` keeps values
+exact (tests compare a cached run with a live one with it).
+
+**Size**: k = 64 with uint16 ids and float16 values is 256 bytes per token, plus 2 for the bucket's tail
+and a few for offsets and headers (``bytes_per_token`` in the manifest and in the writer's report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from alambic.cache_dir import make_dirs, not_writable_by_others
+from alambic.data.batch import IGNORE_INDEX, Batch
+from alambic.data.text import ATTENTION_MASK, TOKENS, TokenizedExample, collate
+from alambic.errors import AlambicError, WriteError
+from alambic.integrity import DIGEST_KEY
+from alambic.teachers.base import ModelOutput, SparseLogits
+
+FORMAT = "alambic-topk-logits"
+VERSION = 1
+MANIFEST = "manifest.json"
+TAIL_POLICIES = ("bucket", "renormalize")
+VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# the fields that say what a cache is; any difference makes it another cache
+IDENTITY = ("format", "version", "teacher", "tokenizer", "data", "k", "tail", "value_dtype", "index_dtype",
+            "vocab_size", "num_samples", "shard_samples")
+
+
+class TopKCacheError(AlambicError):
+    """A top-k logit cache is missing, incomplete, damaged or made for something else; one line names it."""
+
+    exit_code = 2
+
+
+def index_dtype(vocab_size: int) -> torch.dtype:
+    """The narrowest integer type for token ids: uint16 up to 65,536 tokens, else int32."""
+    return torch.uint16 if vocab_size <= 1 << 16 else torch.int32
+
+
+def data_fingerprint(examples: Sequence[TokenizedExample], index: Sequence[int] | Tensor) -> str:
+    """A digest of the tokenised data: every sample id with its token ids and completion start, in id order.
+
+    It covers the text, the tokenizer's output, ``max_length`` truncation and the prompt/completion
+    boundary: whatever decides which positions the loss covers and what the teacher sees there."""
+    ids = [int(i) for i in (index.tolist() if isinstance(index, Tensor) else index)]
+    h = hashlib.sha256(b"alambic-text-data-v1")
+    for i, e in sorted(zip(ids, examples), key=lambda pair: pair[0]):
+        h.update(json.dumps([i, e.completion_start, list(e.ids)], separators=(",", ":")).encode())
+    return h.hexdigest()[:16]
+
+
+def _digest_of_record(record: str) -> str:
+    return hashlib.blake2b(record.encode(), digest_size=16).hexdigest()
+
+
+# -- the writer ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """What :func:`write_topk_cache` did: the folder, shards written now and before, tokens and bytes."""
+
+    folder: Path
+    shards_written: int
+    shards_reused: int
+    tokens: int
+    bytes: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / max(self.tokens, 1)
+
+
+@torch.no_grad()
+def teacher_topk(model: nn.Module, batch: Batch, k: int, vocab_size: int,
+                 with_tail: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """The teacher's top-k at the covered positions of a text batch, in float32.
+
+    Returns ``ids`` [P, k] int64, ``logprobs`` [P, k] float32 (decreasing), ``tail`` [P] float32 (log mass
+    outside the ids; ``-inf`` at k = V) or None, and ``counts`` [B] covered positions per row. Logit
+    columns beyond ``vocab_size`` (embedding padding) are dropped before the softmax."""
+    logits = model(input_ids=batch.views[TOKENS], attention_mask=batch.extras[ATTENTION_MASK]).logits
+    if logits.shape[-1] < vocab_size:
+        raise TopKCacheError(f"the teacher has {logits.shape[-1]} logits per token, fewer than the vocabulary's "
+                             f"{vocab_size}: is it the tokenizer's model?")
+    covered = batch.target != IGNORE_INDEX
+    rows = logits[..., :vocab_size][covered].float().log_softmax(-1)
+    values, ids = rows.topk(k, dim=-1, sorted=True)
+    tail = None
+    if with_tail:
+        tail = rows.scatter(-1, ids, -math.inf).logsumexp(-1) if k < vocab_size else rows.new_full(
+            (rows.shape[0],), -math.inf)
+    return ids, values, tail, covered.sum(1)
+
+
+def write_topk_cache(model: nn.Module, examples: Sequence[TokenizedExample], index: Sequence[int] | Tensor,
+                     out: str | Path, *, k: int = 64, tail: str = "bucket", teacher_fingerprint: str,
+                     tokenizer_fingerprint: str, vocab_size: int, pad: int, value_dtype: str = "float16",
+                     batch_size: int = 8, shard_samples: int = 512, rebuild: bool = False,
+                     progress: Callable[[str], None] | None = None) -> CacheReport:
+    """Compute ``model``'s top-k log-probabilities over ``examples`` into the folder ``out`` (resumable).
+
+    Args:
+        model: the teacher causal LM (a transformers model: ``model(input_ids=, attention_mask=).logits``);
+            put in eval mode here.
+        examples, index: the tokenised samples and their stable sample ids (``Batch.index``).
+        k: entries kept per position (1..vocab_size). tail: ``"bucket"`` (stores the tail mass too) or
+            ``"renormalize"``.
+        teacher_fingerprint, tokenizer_fingerprint: what the manifest records (e.g.
+            :func:`~alambic.teachers.frozen.state_fingerprint` of the model and
+            :func:`~alambic.models.causal_lm.tokenizer_fingerprint`).
+        vocab_size: the tokenizer's real vocabulary (``len(tokenizer)``): ids index it.
+        pad: the padding id of batches. value_dtype: ``float16`` (default), ``bfloat16`` or ``float32``.
+        batch_size: samples per teacher forward. shard_samples: samples per shard file.
+        rebuild: replace a cache in ``out`` made for something else instead of refusing it.
+        progress: called with one line after each shard (default: print to stderr).
+    Returns:
+        a :class:`CacheReport` (tokens, bytes, bytes per token).
+    """
+    if tail not in TAIL_POLICIES:
+        raise TopKCacheError(f"tail must be one of {', '.join(TAIL_POLICIES)}, got {tail!r}")
+    if value_dtype not in VALUE_DTYPES:
+        raise TopKCacheError(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {value_dtype!r}")
+    if not 1 <= k <= vocab_size:
+        raise TopKCacheError(f"k must be in 1..{vocab_size} (the vocabulary), got {k}")
+    if batch_size < 1 or shard_samples < 1:
+        raise TopKCacheError(f"batch_size and shard_samples must be >= 1, got {batch_size} and {shard_samples}")
+    ids_list = [int(i) for i in (index.tolist() if isinstance(index, Tensor) else index)]
+    if len(ids_list) != len(examples) or len(set(ids_list)) != len(ids_list):
+        raise TopKCacheError(f"need one distinct sample id per example, got {len(ids_list)} ids "
+                             f"({len(set(ids_list))} distinct) for {len(examples)} examples")
+    say = progress if progress is not None else (lambda line: print(line, file=sys.stderr, flush=True))
+    folder = make_dirs(Path(out))
+    order = sorted(range(len(ids_list)), key=lambda j: ids_list[j])
+    want = {"format": FORMAT, "version": VERSION, "teacher": teacher_fingerprint, "tokenizer": tokenizer_fingerprint,
+            "data": data_fingerprint(examples, ids_list), "k": k, "tail": tail, "value_dtype": value_dtype,
+            "index_dtype": str(index_dtype(vocab_size)).removeprefix("torch."), "vocab_size": vocab_size,
+            "num_samples": len(ids_list), "shard_samples": shard_samples}
+    manifest = _resume_manifest(folder, want, rebuild)
+    done = {s["file"] for s in manifest["shards"]}
+    n_shards = math.ceil(len(order) / shard_samples)
+    was_training = model.training
+    model.eval()
+    written, start = 0, time.monotonic()
+    try:
+        for shard in range(n_shards):
+            name = f"shard-{shard:05d}.safetensors"
+            if name in done:
+                continue
+            rows = order[shard * shard_samples:(shard + 1) * shard_samples]
+            entry = _write_shard(model, folder / name, [examples[j] for j in rows], [ids_list[j] for j in rows],
+                                 want, pad, batch_size)
+            manifest["shards"].append(entry)
+            manifest["shards"].sort(key=lambda s: s["first_id"])
+            _totals(manifest)
+            _write_manifest(folder, manifest)
+            written += 1
+            say(f"top-k cache {folder}: shard {len(manifest['shards'])}/{n_shards}, {manifest['tokens']:,} tokens, "
+                f"{manifest['bytes_per_token']:.1f} B/token, {time.monotonic() - start:.0f} s")
+    finally:
+        model.train(was_training)
+    manifest["complete"] = True
+    _totals(manifest)
+    _write_manifest(folder, manifest)
+    return CacheReport(folder, written, len(done), manifest["tokens"], manifest["bytes"])
+
+
+def _resume_manifest(folder: Path, want: dict[str, Any], rebuild: bool) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if path.is_file():
+        old = _read_manifest(path)
+        diff = _differences(old, want)
+        if not diff:
+            return old
+        if not rebuild:
+            raise TopKCacheError(f"{path} was written for another cache ({_describe(diff, old, want)}): pass "
+                                 "--rebuild to replace it, or choose another --out")
+        for s in old.get("shards", []):
+            (folder / str(s.get("file", ""))).unlink(missing_ok=True)
+        path.unlink()
+    return {**want, "shards": [], "complete": False, "tokens": 0, "bytes": 0, "bytes_per_token": 0.0}
+
+
+def _totals(manifest: dict[str, Any]) -> None:
+    manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+    manifest["bytes"] = sum(s["bytes"] for s in manifest["shards"])
+    manifest["bytes_per_token"] = round(manifest["bytes"] / max(manifest["tokens"], 1), 2)
+
+
+def _write_shard(model: nn.Module, path: Path, examples: list[TokenizedExample], ids: list[int],
+                 want: dict[str, Any], pad: int, batch_size: int) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    from alambic.train.state import atomic_save
+
+    k, vocab = want["k"], want["vocab_size"]
+    bucket = want["tail"] == "bucket"
+    parts_ids, parts_lp, parts_tail, counts = [], [], [], []
+    for b in range(0, len(examples), batch_size):
+        batch = collate(examples[b:b + batch_size], ids[b:b + batch_size], pad)
+        top_ids, top_lp, tail, count = teacher_topk(model, batch, k, vocab, bucket)
+        parts_ids.append(top_ids.cpu())
+        parts_lp.append(top_lp.cpu())
+        if tail is not None:
+            parts_tail.append(tail.cpu())
+        counts.append(count.cpu())
+    counts_t = torch.cat(counts)
+    dtype = VALUE_DTYPES[want["value_dtype"]]
+    tensors = {
+        "sample_ids": torch.tensor(ids, dtype=torch.int64),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts_t.cumsum(0)]),
+        "ids": torch.cat(parts_ids).to(index_dtype(vocab)),
+        "logprobs": torch.cat(parts_lp).to(dtype),
+    }
+    if bucket:
+        tensors["tail_logprob"] = torch.cat(parts_tail).to(dtype)
+    atomic_save(tensors, {"format": FORMAT, "data": want["data"], "teacher": want["teacher"], "k": k},
+                path, what="top-k cache shard")
+    with safe_open(str(path), framework="pt") as fh:
+        record = (fh.metadata() or {})[DIGEST_KEY]
+    return {"file": path.name, "first_id": ids[0], "last_id": ids[-1], "samples": len(ids),
+            "tokens": int(counts_t.sum()), "bytes": path.stat().st_size, "digest": _digest_of_record(record)}
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    path = folder / MANIFEST
+    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        not_writable_by_others(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise WriteError(f"could not write {path}: {exc.strerror or exc}; the shards written so far are kept") \
+            from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- the reader ------------------------------------------------------------------------------------------
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise TopKCacheError(f"top-k cache manifest not found: {path} (write one with `alambic cache-logits`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TopKCacheError(f"{path} is unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise TopKCacheError(f"{path} is not a top-k logit cache manifest (format {FORMAT!r} expected)")
+    return manifest
+
+
+def _differences(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    return [key for key in IDENTITY if key in want and want[key] is not None and have.get(key) != want[key]]
+
+
+def _describe(diff: list[str], have: dict[str, Any], want: dict[str, Any]) -> str:
+    return "; ".join(f"{key}: cache {have.get(key)!r}, wanted {want[key]!r}" for key in diff)
+
+
+class TopKCache:
+    """Read access to a complete top-k cache folder: :meth:`lookup` serves a text batch's top-k.
+
+    ``expect`` (any of the manifest's identity fields: ``teacher``, ``tokenizer``, ``data``, ``k``, ``tail``,
+    ``vocab_size``...) is checked at once; a difference is refused in one line naming each field. Shards
+    are loaded (and their digests checked) on first use and kept in memory."""
+
+    def __init__(self, folder: str | Path, expect: dict[str, Any] | None = None):
+        self.folder = Path(folder)
+        self.manifest = _read_manifest(self.folder / MANIFEST)
+        diff = _differences(self.manifest, dict(expect or {}))
+        if diff:
+            what = _describe(diff, self.manifest, dict(expect or {}))
+            raise TopKCacheError(f"top-k cache {self.folder / MANIFEST} is stale ({what}): write it again with "
+                                 "`alambic cache-logits ... --rebuild`")
+        if not self.manifest.get("complete"):
+            n = math.ceil(self.manifest["num_samples"] / self.manifest["shard_samples"])
+            raise TopKCacheError(f"top-k cache {self.folder} is incomplete ({len(self.manifest['shards'])} of {n} "
+                                 "shards): run the same `alambic cache-logits` command again to finish it")
+        self.shards = sorted(self.manifest["shards"], key=lambda s: s["first_id"])
+        self._firsts = [s["first_id"] for s in self.shards]
+        self._loaded: dict[str, dict[str, Tensor]] = {}
+        self._rows: dict[str, dict[int, int]] = {}
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def tail(self) -> str:
+        return str(self.manifest["tail"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    def _shard_of(self, sample: int) -> dict[str, Any]:
+        import bisect
+
+        at = bisect.bisect_right(self._firsts, sample) - 1
+        if at < 0 or not self.shards[at]["first_id"] <= sample <= self.shards[at]["last_id"]:
+            raise TopKCacheError(f"top-k cache {self.folder} holds no sample {sample} (it was written for other data)")
+        return self.shards[at]
+
+    def _load(self, shard: dict[str, Any]) -> tuple[dict[str, Tensor], dict[int, int]]:
+        name = shard["file"]
+        if name not in self._loaded:
+            from safetensors import safe_open
+
+            from alambic.train.state import load
+
+            path = self.folder / name
+            tensors, _ = load(path, what="top-k cache shard", require_digest=True)  # raises on damage
+            with safe_open(str(path), framework="pt") as fh:
+                record = (fh.metadata() or {})[DIGEST_KEY]
+            if _digest_of_record(record) != shard["digest"]:
+                raise TopKCacheError(f"top-k cache shard {path} is not the one its manifest lists (digest differs): "
+                                     "write the cache again with --rebuild")
+            self._loaded[name] = tensors
+            self._rows[name] = {int(s): j for j, s in enumerate(tensors["sample_ids"].tolist())}
+        return self._loaded[name], self._rows[name]
+
+    def sample(self, sample: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One sample's rows as stored: ids [n, k] int64, log-probs [n, k] float32, tail [n] float32 or None."""
+        tensors, rows = self._load(self._shard_of(sample))
+        j = rows.get(sample)
+        if j is None:
+            raise TopKCacheError(f"top-k cache {self.folder} holds no sample {sample} (it was written for other data)")
+        a, b = int(tensors["offsets"][j]), int(tensors["offsets"][j + 1])
+        ids = tensors["ids"][a:b].to(torch.int64)
+        tail = tensors["tail_logprob"][a:b].float() if "tail_logprob" in tensors else None
+        return ids, tensors["logprobs"][a:b].float(), tail
+
+    def lookup(self, batch: Batch) -> SparseLogits:
+        """The top-k of every covered position (``target != IGNORE_INDEX``) of a text batch, [B, T, k]."""
+        if batch.target is None:
+            raise TopKCacheError("a top-k cache serves text batches with next-token targets; this batch has none")
+        mask = batch.target != IGNORE_INDEX
+        B, T = mask.shape
+        k = self.k
+        ids = torch.zeros(B, T, k, dtype=torch.int64)
+        lp = torch.zeros(B, T, k, dtype=torch.float32)
+        tail = torch.zeros(B, T, dtype=torch.float32) if self.tail == "bucket" else None
+        mask_cpu = mask.cpu()
+        for b, sample in enumerate(batch.index.tolist()):
+            s_ids, s_lp, s_tail = self.sample(int(sample))
+            where = mask_cpu[b]
+            if s_ids.shape[0] != int(where.sum()):
+                raise TopKCacheError(f"top-k cache {self.folder}: sample {sample} has {s_ids.shape[0]} cached "
+                                     f"positions but the batch covers {int(where.sum())} (the data or max_length "
+                                     "changed since it was written)")
+            ids[b, where] = s_ids
+            lp[b, where] = s_lp
+            if tail is not None and s_tail is not None:
+                tail[b, where] = s_tail
+        device = batch.target.device
+        return SparseLogits(ids.to(device), lp.to(device), mask, tail=self.tail,
+                            tail_logprob=None if tail is None else tail.to(device), vocab_size=self.vocab_size)
+
+
+class CachedTopKTeacher:
+    """A teacher read from a top-k cache: ``outputs(batch, ["tokens"])`` gives ``ModelOutput(logits=None,
+    sparse=SparseLogits)``. Its fingerprint is the cached teacher's, so checkpoints and reports name the
+    model the cache came from. Never in train mode, never a gradient: it has no parameters at all."""
+
+    def __init__(self, folder: str | Path, expect: dict[str, Any] | None = None):
+        self.cache = TopKCache(folder, expect)
+
+    def outputs(self, batch: Batch, views: Sequence[str]) -> dict[str, ModelOutput]:
+        other = [v for v in views if v != TOKENS]
+        if other:
+            raise TopKCacheError(f"a top-k logit cache serves the '{TOKENS}' view only, not {other}")
+        return {v: ModelOutput(None, sparse=self.cache.lookup(batch)) for v in views}
+
+    def after_step(self, student: nn.Module, step: int) -> None:
+        return None
+
+    def fingerprint(self) -> str:
+        return str(self.cache.manifest["teacher"])
+
+    def close(self) -> None:
+        return None
