@@ -11,6 +11,7 @@ from alambic.data.splits import (
     DataBundle, Split, build_data, bundle_from_arrays, group_split, labeled_mask, stratified_split,
 )
 from alambic.data.glyphs import GlyphsConfig, load_glyphs  # noqa: E402  (registers "glyphs")
+from alambic.data import text_build as _text_build  # noqa: E402,F401  (registers "text")
 
 __all__ = [
     "IGNORE_INDEX",

@@ -265,6 +265,17 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
             "train": order[n_test + n_val:].sort().values}
 
 
+@dataclass(frozen=True)
+class TextSplit:
+    """The tokenised examples of one split and their stable sample ids (``index``, as a tensor split's)."""
+
+    examples: Sequence[TokenizedExample]
+    index: Tensor
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
 class TextLoader(_EpochLoader):
     """Batches of tokenised examples in an order that is a pure function of (seed, epoch), as
     :class:`~alambic.data.loader.TensorLoader` (a resumed run sees the same batches)."""
@@ -275,6 +286,18 @@ class TextLoader(_EpochLoader):
             raise ValueError(f"{len(examples)} examples but {len(index)} sample ids")
         super().__init__(len(examples), batch_size, shuffle, seed, drop_last)
         self.examples, self.index, self.pad = list(examples), torch.as_tensor(index, dtype=torch.long), pad
+        self.split = TextSplit(self.examples, self.index)  # what the trainer sizes per-sample stores from
+
+    def batch_tokens(self, epoch: int) -> list[tuple[int, int]]:
+        """(real tokens, loss tokens) of each batch of ``epoch``, in order, without collating it: what a
+        run reports as its training throughput."""
+        positions = self._positions(epoch, 0).tolist()
+        out = []
+        for i in range(0, len(positions), self.batch_size):
+            rows = [self.examples[r] for r in positions[i: i + self.batch_size]]
+            out.append((sum(len(e.ids) for e in rows),
+                        sum(len(e.ids) - max(e.completion_start, 1) for e in rows)))
+        return out
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         positions = self._positions(epoch, start)

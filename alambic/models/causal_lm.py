@@ -22,13 +22,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
-from torch import nn
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
 
 from alambic.errors import AlambicError
+from alambic.registry import MODELS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -190,3 +193,167 @@ class _seeded:
 
     def __exit__(self, *exc):
         torch.set_rng_state(self.state)
+
+
+# -- the recipe's student section, the training adapter, a tiny model for tests and tiny recipes --------------
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class HFStudentConfig(_Options):
+    hf: str = Field(description="a local directory or a hub name (a pretrained causal LM with the teacher's tokenizer)")
+    gguf_file: str | None = Field(None, description="a GGUF file inside the hf directory (needs the llm extra)")
+
+
+class HFConfigStudentConfig(_Options):
+    config: dict[str, Any] = Field(description="a transformers config: model_type plus that family's sizes, "
+                                   "e.g. {model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}; the "
+                                   "vocabulary and special tokens are the teacher tokenizer's")
+
+
+class PruneStudentConfig(_Options):
+    keep: list[int] = Field(min_length=1, description="the teacher's decoder layers the student keeps, in order "
+                            "(negative: from the end), e.g. [0, 2, 4, ...]")
+
+
+@dataclass(frozen=True)
+class StudentContext:
+    """What a language student is built from besides its own options: the teacher's model and tokenizer."""
+
+    teacher: nn.Module
+    tokenizer: Any
+    seed: int
+
+
+@MODELS.register("hf", config=HFStudentConfig, modality="text",
+                 description="a pretrained causal LM (directory or hub name) sharing the teacher's tokenizer")
+def _hf_student(cfg: HFStudentConfig, ctx: StudentContext) -> nn.Module:
+    own = load_tokenizer(cfg.hf, cfg.gguf_file)
+    model = load_causal_lm(cfg.hf, cfg.gguf_file)
+    shared_vocab_size(output_rows(ctx.teacher), output_rows(model), ctx.tokenizer, own)
+    return model
+
+
+@MODELS.register("hf_config", config=HFConfigStudentConfig, modality="text",
+                 description="a fresh causal LM from a transformers config, under the teacher's tokenizer")
+def _config_student(cfg: HFConfigStudentConfig, ctx: StudentContext) -> nn.Module:
+    return causal_lm_from_config(cfg.config, ctx.tokenizer, seed=ctx.seed)
+
+
+@MODELS.register("prune", config=PruneStudentConfig, modality="text",
+                 description="the teacher with only some of its decoder layers (depth pruning, then distillation)")
+def _pruned_student(cfg: PruneStudentConfig, ctx: StudentContext) -> nn.Module:
+    return prune_layers(ctx.teacher, cfg.keep)
+
+
+def build_student_lm(spec: Any, teacher: nn.Module, tokenizer: Any, seed: int) -> nn.Module:
+    """The student a validated ``student`` section (arch ``hf``, ``hf_config`` or ``prune``) describes, in
+    float32 and trainable (a pruned copy of a frozen teacher gets its gradients back)."""
+    model = MODELS.get(spec.arch).obj(spec.options, StudentContext(teacher, tokenizer, seed))
+    model = model.to(torch.float32).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def output_rows(model: nn.Module) -> int:
+    """Rows of a causal LM's output layer (its logits' last dimension)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+class CausalLMLogits(nn.Module):
+    """A transformers causal LM as alambic sees a network: token ids [B, T] -> next-token logits [B, T, V].
+
+    Batches are right-padded (:func:`alambic.data.text.collate`) and the attention is causal, so no real
+    position ever attends to a padding token (they all come after it) and the default positions
+    ``0..T-1`` are each sequence's own: the logits of real positions are those of the unpadded sequence,
+    and no attention mask is needed. Padding positions get logits too; their targets are ``IGNORE_INDEX``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+# -- a tiny model and corpus, for tests and recipes/tiny (no download) -----------------------------------------
+
+_TINY_WORDS = ("the a one every some cat dog bird fox owl child king queen sees likes finds follows hears "
+               "calls red small old quick green quiet river tree house hill road field").split()
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+              "tie_word_embeddings": False}
+
+
+def tiny_corpus(lines: int = 240, seed: int = 0) -> str:
+    """A deterministic toy corpus: short sentences of a small grammar, one per line, blank lines between
+    paragraphs of four (learnable structure: determiner, adjective, noun, verb, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda words: words[int(torch.randint(len(words), (1,), generator=g))]  # noqa: E731
+    det, noun, verb, adj = _TINY_WORDS[:5], _TINY_WORDS[5:13], _TINY_WORDS[13:19], _TINY_WORDS[19:25]
+    place = _TINY_WORDS[25:]
+    out = []
+    for i in range(lines):
+        out.append(f"{pick(det)} {pick(adj)} {pick(noun)} {pick(verb)} {pick(det)} {pick(noun)} by the {pick(place)} .")
+        if i % 4 == 3:
+            out.append("")
+    return "\n".join(out) + "\n"
+
+
+def tiny_tokenizer() -> Any:
+    """A word-level tokenizer of the tiny corpus' words (with <pad>, <s>, </s>, <unk>), as transformers'."""
+    tf = _transformers()
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", ".", *_TINY_WORDS, "by"]
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return tf.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                      unk_token="<unk>")
+
+
+def write_tiny_lm(out: str | Path, config: dict[str, Any] | None = None, seed: int = 0, steps: int = 60) -> Path:
+    """Write a tiny llama teacher (``save_pretrained``: config, weights, tokenizer) and its corpus
+    (``corpus.txt``) into ``out``: what ``recipes/tiny/token_kd.yaml`` and the tests distil, on a CPU, in
+    seconds, without a download. The teacher is trained ``steps`` Adam steps on the corpus (a second or two),
+    so that it has a distribution worth distilling (a random one is nearly uniform); ``steps=0`` leaves it
+    random. ``python -c "from alambic.models.causal_lm import write_tiny_lm; write_tiny_lm('runs/tiny-lm')"``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tiny_tokenizer()
+    model = causal_lm_from_config(dict(config or TINY_LLAMA), tok, seed=seed)
+    corpus = tiny_corpus(seed=seed)
+    if steps:
+        _fit_tiny(model, tok, [line for line in corpus.splitlines() if line], steps, seed)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "corpus.txt").write_text(corpus)
+    return out
+
+
+def _fit_tiny(model: nn.Module, tok: Any, lines: list[str], steps: int, seed: int) -> None:
+    """Plain next-token training of a tiny model on ``lines`` (deterministic under ``seed``)."""
+    ids = [[tok.bos_token_id, *tok(x, add_special_tokens=False)["input_ids"], tok.eos_token_id] for x in lines]
+    width = max(map(len, ids))
+    x = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+    for i, row in enumerate(ids):
+        x[i, : len(row)] = torch.tensor(row)
+    labels = torch.where(x == tok.pad_token_id, -100, x)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(len(ids), (64,), generator=g)
+        loss = model(input_ids=x[rows], labels=labels[rows]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()

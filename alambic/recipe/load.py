@@ -282,7 +282,7 @@ def missing_teacher(recipe: Recipe, *, python: bool = True) -> str | None:
 
 
 def _cross_checks(recipe: Recipe, files: bool = True) -> list[str]:
-    problems = []
+    problems = modality_problems(recipe)
     for path, teacher in _teacher_paths(recipe) if files else []:
         if teacher.run is not None and not (teacher.run / "student.json").is_file():
             problems.append(f"{path}.run: {teacher.run} is not a finished alambic run (no student.json)")
@@ -291,6 +291,30 @@ def _cross_checks(recipe: Recipe, files: bool = True) -> list[str]:
                             f"(no student.json)")
         if teacher.weights is not None and not teacher.weights.is_file():
             problems.append(f"{path}.weights: file not found: {teacher.weights}")
+    return problems
+
+
+def modality_problems(recipe: Recipe) -> list[str]:
+    """A language recipe (a method with ``modality = "text"``) takes text data, a causal LM student
+    (``hf``, ``hf_config``, ``prune``) and a causal LM teacher (``teacher.hf``); any other recipe none of them."""
+    text = getattr(METHODS.get(recipe.method.name).obj, "modality", "tensor") == "text"
+    want = "a language method" if text else f"method '{recipe.method.name}'"
+    problems = []
+    if (DATASETS.get(recipe.data.name).extra.get("modality") == "text") != text:
+        problems.append(f"data.name: {want} needs {'text' if text else 'tensor'} data, not '{recipe.data.name}'")
+    if (MODELS.get(recipe.student.arch).extra.get("modality") == "text") != text:
+        kinds = "a causal LM (hf, hf_config or prune)" if text else "a network for tensors"
+        problems.append(f"student.arch: {want} needs {kinds}, not '{recipe.student.arch}'")
+    for path, spec in _teacher_paths(recipe):
+        if (spec.hf is not None) != text:
+            problems.append(f"{path}: {want} needs " + ("a causal LM teacher: {hf: DIR_OR_HUB_NAME}" if text
+                                                         else "a teacher that is not a causal LM (hf)"))
+    if text and recipe.teachers is not None:
+        problems.append("teachers: a language run takes one teacher (teacher: {hf: ...})")
+    if text and recipe.views is not None:
+        problems.append("views: a language run takes no augmented views")
+    if text and recipe.data.labeled_fraction != 1.0:
+        problems.append("data.labeled_fraction: text data has no labels to hide (the targets are the text)")
     return problems
 
 

@@ -113,12 +113,19 @@ class TeacherSpec(Strict):
     )
     ema: EmaSpec | None = None
     transfer: TransferSpec | None = None
+    hf: str | None = Field(None, description="a causal LM teacher: a local directory or a hub name (language runs); "
+                           "its tokenizer is the run's")
+    gguf_file: str | None = Field(None, description="with hf: a GGUF file inside that directory (the llm extra)")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="with hf: the dtype the teacher runs in (default float32; the losses compute in float32)")
     cache: Literal["off", "memory", "disk"] = Field(
         "off",
         description="keep a frozen teacher's outputs (run, model or estimator) per sample after their first "
                     "computation (rows whose input changed are recomputed): 'memory' for this run, 'disk' also "
                     "under $ALAMBIC_CACHE/teachers, shared by every run of the same teacher and data",
     )
+    device: str | None = Field(None, pattern=r"^(cpu|mps|cuda(:\d+)?)$",
+                               description="where the teacher runs; None: the student's device (train.device)")
     trust_code: bool = Field(
         False,
         description="let a run directory (run, transfer.run) whose student is a user factory (arch: module) "
@@ -127,9 +134,14 @@ class TeacherSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherSpec":
-        given = [k for k in ("run", "model", "estimator", "ema", "transfer") if getattr(self, k) is not None]
+        given = [k for k in ("run", "model", "estimator", "ema", "transfer", "hf") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of run, model, estimator, ema, transfer; got {given or 'none'}")
+            raise ValueError(f"give exactly one of run, model, estimator, ema, transfer, hf; got {given or 'none'}")
+        for key in ("gguf_file", "dtype"):
+            if getattr(self, key) is not None and self.hf is None:
+                raise ValueError(f"{key} needs hf (a causal LM teacher)")
+        if self.hf is not None and self.cache != "off":
+            raise ValueError("cache: a causal LM teacher (hf) is not cached here yet; use cache: off")
         if self.weights is not None and self.model is None:
             raise ValueError("weights needs model (the architecture the weights belong to)")
         if self.cache != "off" and given[0] in ("ema", "transfer"):
@@ -170,6 +182,13 @@ class TrainSpec(Strict):
     eval_every: int = Field(1, ge=1, description="epochs between validation passes")
     log_every: int = Field(10, ge=1, description="optimizer steps between metric lines")
     threads: int | None = Field(1, ge=1, description="torch CPU threads; small models are fastest on 1")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="auto | cpu | cuda | cuda:N | mps; auto: cuda when available, else cpu. Not part "
+                                    "of a run's identity: a checkpoint resumes on any device")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward (student, teacher, method loss); losses and softmaxes stay "
+                            "fp32; fp16 adds a gradient scaler (checkpointed)")
+    compile: bool = Field(False, description="torch.compile the student (first steps slower while it compiles)")
 
     def plan(self, steps_per_epoch: int) -> tuple[int, int]:
         """(epochs, total optimizer steps) for a loader of ``steps_per_epoch`` batches."""
@@ -201,6 +220,10 @@ class EvalSpec(Strict):
     probe_train_samples: int = Field(5000, ge=1, description="labelled training samples the online probes use")
     linear_probe: bool = Field(True, description="fit the final linear probe of a self-supervised run (minutes on "
                                                  "large data); False: kNN only")
+    prompts: list[str] | None = Field(None, description="language runs: prompts the report shows greedy "
+                                      "generations of (student and teacher); None: the first num_prompts test prompts")
+    num_prompts: int = Field(3, ge=0, description="language runs: test prompts to generate from when prompts is None")
+    max_new_tokens: int = Field(32, ge=1, description="language runs: tokens generated per prompt in the report")
 
 
 class Recipe(Strict):

@@ -13,6 +13,8 @@ def print_summary(summary: dict[str, Any], run_dir: Path, console: Console | Non
     console = console or Console()
     if summary.get("kind") == "representation":
         return _print_representation(summary, run_dir, console)
+    if summary.get("kind") == "language":
+        return _print_language(summary, run_dir, console)
     table = Table(title=f"{summary['name']} · method {summary['method']} · seed {summary['seed']}")
     for col in ("model", "test acc", "ECE", "agreement", "params", "latency ms/sample"):
         table.add_column(col, justify="right" if col != "model" else "left")
@@ -59,3 +61,17 @@ def _print_representation(summary: dict[str, Any], run_dir: Path, console: Conso
     _print_resumed(summary, console)
     console.print(f"run directory: {run_dir} (report.md, summary.json, student.safetensors); "
                   f"baselines: alambic probe {run_dir} --baselines")
+
+
+def _print_language(summary: dict[str, Any], run_dir: Path, console: Console) -> None:
+    table = Table(title=f"{summary['name']} · method {summary['method']} · seed {summary['seed']}")
+    for col in ("model", "test perplexity", "agreement", "forward KL", "params"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    test, s, t = summary.get("test") or {}, summary["student"], summary.get("teacher") or {}
+    table.add_row("student", _fmt(test.get("perplexity"), "{:.3f}"), _fmt(test.get("agreement")),
+                  _fmt(test.get("forward_kl")), f"{s['params']:,}")
+    table.add_row("teacher", _fmt((t.get("test") or {}).get("perplexity"), "{:.3f}"), "", "",
+                  _fmt(t.get("params"), "{:,}"))
+    console.print(table)
+    _print_resumed(summary, console)
+    console.print(f"run directory: {run_dir} (report.md, summary.json, student/)")

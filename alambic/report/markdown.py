@@ -211,6 +211,10 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         raise AlambicError(f"report: {run_dir} is not a directory — is this a finished run directory?")
     summary = load_summary(run_dir / SUMMARY)
     records = load_metrics(run_dir / METRICS)
+    if summary.get("kind") == "language":  # a language-model run: perplexity, agreement, generations
+        from alambic.report.language import render_language_report
+
+        return render_language_report(run_dir)
     if summary.get("kind") == "representation":  # a self-supervised run: probes, not predictions
         from alambic.report.representation import render_representation_report
 

@@ -1,0 +1,123 @@
+"""Token-level knowledge distillation of a causal LM, teacher-forced on the completion tokens.
+
+At every completion position the student's next-token distribution is pulled toward the teacher's by a
+divergence of :mod:`alambic.losses.sequence`, optionally plus the NLL of the text itself::
+
+    loss = kd_weight · D(p_T ‖ p_S) + nll_weight · NLL(target)
+
+both averaged over the valid (completion) tokens of the whole optimizer step. The sequences come from the
+data (teacher forcing): the word-level KD of Kim & Rush ("Sequence-Level Knowledge Distillation", 2016,
+arXiv:1606.07947, §3.1), Hinton et al.'s soft targets ("Distilling the Knowledge in a Neural Network",
+2015, arXiv:1503.02531) at each token, with the divergences GKD compares (Agarwal et al., "On-Policy
+Distillation of Language Models: Learning from Self-Generated Mistakes", ICLR 2024, arXiv:2306.13649, §2):
+forward KL, reverse KL and the generalised JSD(β), plus DistiLLM's skew KLs (arXiv:2402.03898) and TV.
+Sequence-level KD (training on teacher generations) and on-policy GKD are other methods; this one is their
+supervised, fixed-data baseline (GKD's λ = 0).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from alambic.data.batch import IGNORE_INDEX, Batch
+from alambic.data.text import TOKENS
+from alambic.errors import AlambicError
+from alambic.losses import sequence as seq
+from alambic.methods.base import Method, MethodConfig, MethodOutput
+from alambic.registry import METHODS
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation")
+
+
+class TokenKDConfig(MethodConfig):
+    divergence: Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl",
+                        "total_variation"] = Field(
+        "forward_kl", description="per-token divergence between teacher and student (GKD §2: forward_kl, "
+        "reverse_kl, generalized_jsd; DistiLLM: skew_kl, skew_reverse_kl; total_variation)")
+    beta: float = Field(0.5, gt=0, lt=1, description="generalized_jsd's β in (0, 1) (0.5: symmetric JSD); "
+                        "for β at 0 or 1 choose forward_kl or reverse_kl")
+    alpha: float = Field(0.1, ge=0, le=1, description="skew_kl / skew_reverse_kl's mixing α (DistiLLM: 0.1)")
+    temperature: float = Field(1.0, gt=0, description="loss temperature τ on both sides (GKD and DistiLLM use 1); "
+                               "not a sampling temperature")
+    scale_t2: bool = Field(False, description="multiply the divergence by τ² (Hinton et al. §2)")
+    kd_weight: float = Field(1.0, ge=0, description="weight of the divergence (0: plain NLL fine-tuning)")
+    nll_weight: float = Field(0.0, ge=0, description="weight of the NLL of the text's own next tokens")
+    chunk_size: int | None = Field(1024, ge=1, description="tokens per chunk of the divergence (peak memory "
+                                   "O(chunk_size × V)); null: plain autograd")
+
+
+@METHODS.register("token_kd")
+class TokenKD(Method):
+    """``kd_weight·D(p_T‖p_S) + nll_weight·NLL`` per completion token of a causal LM, teacher-forced.
+
+    Positions whose target is ``IGNORE_INDEX`` (prompt tokens, padding, the last token) carry no loss.
+    Logits are compared on the vocabulary teacher and student share (``shared_vocab``, set by the language
+    run: the tokenizer's real size; padded output rows are dropped on both sides), so the NLL is over real
+    tokens too. Both terms are means over the step's valid tokens; :meth:`chunk_weight` weighs gradient-
+    accumulation chunks by their share of those tokens, so accumulated steps equal one big batch exactly.
+    """
+
+    paper = ('Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes", '
+             'ICLR 2024, arXiv:2306.13649 (divergences); Hinton et al. 2015, arXiv:1503.02531; Kim & Rush, '
+             '"Sequence-Level Knowledge Distillation", 2016, arXiv:1606.07947')
+
+    Config = TokenKDConfig
+    needs_teacher = True
+    uses_unlabeled = True
+    modality = "text"
+    student_views = (TOKENS,)
+    teacher_views = (TOKENS,)
+
+    def __init__(self, config: TokenKDConfig | None = None):
+        super().__init__(config)
+        self.shared_vocab: int | None = None  # the tokenizer's real size; None: min of both, see truncate_to_shared_vocab
+
+    def chunk_weight(self, chunk: Batch, whole: Batch) -> float:
+        """The chunk's share of the step's valid tokens (rows share when the step has none)."""
+        total = int((whole.target != IGNORE_INDEX).sum())
+        if total == 0:
+            return len(chunk) / len(whole)
+        return int((chunk.target != IGNORE_INDEX).sum()) / total
+
+    def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                   num_tokens: int | None = None, chunk_size: int | None | str = "config") -> torch.Tensor:
+        """The configured divergence, mean over the ``mask`` tokens (or ``/ num_tokens``)."""
+        cfg = self.config
+        extra = {"beta": cfg.beta} if cfg.divergence == "generalized_jsd" else (
+            {"alpha": cfg.alpha} if cfg.divergence in ("skew_kl", "skew_reverse_kl") else {})
+        fn = getattr(seq, cfg.divergence)
+        return fn(student_logits, teacher_logits, mask, temperature=cfg.temperature, scale_t2=cfg.scale_t2,
+                  num_tokens=num_tokens, chunk_size=cfg.chunk_size if chunk_size == "config" else chunk_size,
+                  **extra)
+
+    def forward(self, student, teacher, batch, ctx) -> MethodOutput:
+        cfg = self.config
+        s_full = student[TOKENS].logits
+        if teacher is None:
+            raise AlambicError("token_kd needs a teacher")
+        s, t = seq.truncate_to_shared_vocab(s_full, teacher[TOKENS].logits, self.shared_vocab)
+        target = batch.target
+        mask = target != IGNORE_INDEX
+        loss, terms = s.sum() * 0.0, {}
+        if cfg.kd_weight > 0:
+            kd = cfg.kd_weight * self.divergence(s, t, mask)
+            loss, terms["kd"] = loss + kd, kd.detach()
+        if cfg.nll_weight > 0:
+            nll = cfg.nll_weight * token_nll(s, target)
+            loss, terms["nll"] = loss + nll, nll.detach()
+        return MethodOutput(loss, terms, s_full)
+
+
+def token_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of ``target`` [B, T] (``IGNORE_INDEX`` skipped) under ``logits`` [B, T, V], in float32; 0 with a
+    gradient path when no target counts (never NaN)."""
+    mask = target != IGNORE_INDEX
+    count = int(mask.sum())
+    picked = logits[mask].float()
+    if count == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(picked, target[mask], reduction="sum") / count
