@@ -151,6 +151,12 @@ class Method(nn.Module):
         loss that is a mean over tokens returns the chunk's share of valid tokens instead."""
         return len(chunk) / len(whole)
 
+    def prepare(self, batch: Batch, ctx: StepContext) -> Batch:
+        """The batch this step trains on, given the loader's (default: as it is). The Trainer calls it once per
+        optimizer step, before any forward pass and before the batch is split into chunks or ranks; an
+        on-policy method (``gkd``) replaces the completions with the student's own samples here."""
+        return batch
+
     def schedules(self, info: SetupInfo) -> dict[str, np.ndarray]:
         """Per-step values (one per optimizer step) the loop hands over as ``ctx.values[name]``."""
         return {}

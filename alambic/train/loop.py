@@ -105,6 +105,7 @@ class Trainer:
             self.student.train()
         if not self.method.training:
             self.method.train()
+        batch = self.method.prepare(batch, ctx)  # on-policy methods draw their completions here (gkd)
         if self.cfg.grad_accum == 1:
             out = self._forward(batch, ctx)
             out.loss.backward()
