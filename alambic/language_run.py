@@ -72,7 +72,15 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
         m = evaluate(model, "val", False)
         return {k: m[k] for k in ("perplexity", "nll", "agreement", "forward_kl", "divergence") if k in m}
 
-    trainer = Trainer(net, method, loader, cfg, teacher=teacher, run_dir=out,
+    trained_by = teacher
+    if spec.cache == "topk":  # offline top-k log-probs of the training split, written once, read back
+        from alambic.teachers.topk import run_topk_teacher
+
+        train_ids = data.splits["train"]
+        trained_by = run_topk_teacher(spec.topk, teacher_lm, teacher.fingerprint(), tokenizer_fingerprint(tokenizer),
+                                      [data.examples[i] for i in train_ids], train_ids, vocab, data.pad,
+                                      quiet=not progress)
+    trainer = Trainer(net, method, loader, cfg, teacher=trained_by, run_dir=out,
                       val_fn=validate if data.splits["val"] else None, callbacks=callbacks, progress=progress)
     attempts = r._record_attempt(out, resumed=resume and (out / CHECKPOINT).exists())
     fit = r.fit_within_memory(trainer, resume, cfg.batch_size)

@@ -27,8 +27,10 @@ from alambic.data.batch import IGNORE_INDEX, Batch
 from alambic.data.text import TOKENS
 from alambic.errors import AlambicError
 from alambic.losses import sequence as seq
+from alambic.losses import sparse_sequence as sparse_seq
 from alambic.methods.base import Method, MethodConfig, MethodOutput
 from alambic.registry import METHODS
+from alambic.teachers.base import SparseLogits
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation")
 
@@ -94,17 +96,34 @@ class TokenKD(Method):
                   num_tokens=num_tokens, chunk_size=cfg.chunk_size if chunk_size == "config" else chunk_size,
                   **extra)
 
+    def sparse_divergence(self, student_logits: torch.Tensor, sparse: SparseLogits, mask: torch.Tensor,
+                          num_tokens: int | None = None) -> torch.Tensor:
+        """The configured divergence against a cached teacher's top-k (``teacher.cache: topk``), with the
+        cache's tail policy (:mod:`alambic.losses.sparse_sequence`); ``student_logits`` cut to its vocabulary."""
+        cfg = self.config
+        extra = {"beta": cfg.beta} if cfg.divergence == "generalized_jsd" else (
+            {"alpha": cfg.alpha} if cfg.divergence in ("skew_kl", "skew_reverse_kl") else {})
+        fn = getattr(sparse_seq, f"sparse_{cfg.divergence}")
+        return fn(student_logits, sparse.ids, sparse.logprobs, mask & sparse.mask, tail=sparse.tail,
+                  tail_logprob=sparse.tail_logprob, temperature=cfg.temperature, scale_t2=cfg.scale_t2,
+                  num_tokens=num_tokens, chunk_size=cfg.chunk_size, **extra)
+
     def forward(self, student, teacher, batch, ctx) -> MethodOutput:
         cfg = self.config
         s_full = student[TOKENS].logits
         if teacher is None:
             raise AlambicError("token_kd needs a teacher")
-        s, t = seq.truncate_to_shared_vocab(s_full, teacher[TOKENS].logits, self.shared_vocab)
+        sparse = teacher[TOKENS].sparse  # a cached teacher's top-k (teacher.cache: topk), else dense logits
+        if sparse is not None:
+            s, t = s_full[..., :sparse.vocab_size], None
+        else:
+            s, t = seq.truncate_to_shared_vocab(s_full, teacher[TOKENS].logits, self.shared_vocab)
         target = batch.target
         mask = target != IGNORE_INDEX
         loss, terms = s.sum() * 0.0, {}
         if cfg.kd_weight > 0:
-            kd = cfg.kd_weight * self.divergence(s, t, mask)
+            kd = cfg.kd_weight * (self.divergence(s, t, mask) if sparse is None
+                                  else self.sparse_divergence(s, sparse, mask))
             loss, terms["kd"] = loss + kd, kd.detach()
         if cfg.nll_weight > 0:
             nll = cfg.nll_weight * token_nll(s, target)

@@ -99,6 +99,19 @@ class TransferSpec(Strict):
     skip: list[str] = Field(default_factory=list, description="glob patterns of student parameters left alone")
 
 
+class TopKSpec(Strict):
+    """``teacher.topk``: an offline top-k cache of a language teacher (:mod:`alambic.teachers.topk`)."""
+
+    k: int = Field(64, ge=1, description="log-probs kept per token (k = vocabulary size: the dense loss exactly)")
+    tail: Literal["bucket", "renormalize"] = Field(
+        "bucket", description="bucket: a (k+1)-th 'other tokens' outcome on both sides; renormalize: both sides "
+        "restricted to the teacher's k ids and renormalised")
+    value_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="log-prob storage (float16: relative rounding <= 2^-11; float32: exact)")
+    dir: Path | None = Field(None, description="the cache folder (`alambic cache-logits` writes it); None: "
+                             "$ALAMBIC_CACHE/teachers/topk/<teacher>-<data>-k<k>-<tail>, written on first use")
+
+
 class TeacherSpec(Strict):
     """Where the teacher comes from: exactly one of ``run``, ``model`` (+ ``weights``), ``estimator``, ``ema``."""
 
@@ -118,12 +131,15 @@ class TeacherSpec(Strict):
     gguf_file: str | None = Field(None, description="with hf: a GGUF file inside that directory (the llm extra)")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="with hf: the dtype the teacher runs in (default float32; the losses compute in float32)")
-    cache: Literal["off", "memory", "disk"] = Field(
+    cache: Literal["off", "memory", "disk", "topk"] = Field(
         "off",
         description="keep a frozen teacher's outputs (run, model or estimator) per sample after their first "
                     "computation (rows whose input changed are recomputed): 'memory' for this run, 'disk' also "
-                    "under $ALAMBIC_CACHE/teachers, shared by every run of the same teacher and data",
+                    "under $ALAMBIC_CACHE/teachers, shared by every run of the same teacher and data; 'topk' "
+                    "(hf teachers, token_kd): the teacher's top-k log-probs of the training split, written once "
+                    "(teacher.topk) and read back instead of running the teacher",
     )
+    topk: TopKSpec | None = Field(None, description="with cache: topk, the cache's k, tail policy and folder")
     trust_code: bool = Field(
         False,
         description="let a run directory (run, transfer.run) whose student is a user factory (arch: module) "
@@ -138,8 +154,15 @@ class TeacherSpec(Strict):
         for key in ("gguf_file", "dtype"):
             if getattr(self, key) is not None and self.hf is None:
                 raise ValueError(f"{key} needs hf (a causal LM teacher)")
-        if self.hf is not None and self.cache != "off":
-            raise ValueError("cache: a causal LM teacher (hf) is not cached here yet; use cache: off")
+        if self.hf is not None and self.cache not in ("off", "topk"):
+            raise ValueError(f"cache: {self.cache} is for classifier teachers; a causal LM teacher (hf) takes "
+                             "cache: topk (offline top-k log-probs) or off")
+        if self.cache == "topk" and self.hf is None:
+            raise ValueError("cache: topk needs hf (a causal LM teacher)")
+        if self.topk is not None and self.cache != "topk":
+            raise ValueError("topk needs cache: topk")
+        if self.cache == "topk" and self.topk is None:
+            self.topk = TopKSpec()
         if self.weights is not None and self.model is None:
             raise ValueError("weights needs model (the architecture the weights belong to)")
         if self.cache != "off" and given[0] in ("ema", "transfer"):

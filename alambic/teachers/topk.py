@@ -130,11 +130,13 @@ def teacher_topk(model: nn.Module, batch: Batch, k: int, vocab_size: int,
     Returns ``ids`` [P, k] int64, ``logprobs`` [P, k] float32 (decreasing), ``tail`` [P] float32 (log mass
     outside the ids; ``-inf`` at k = V) or None, and ``counts`` [B] covered positions per row. Logit
     columns beyond ``vocab_size`` (embedding padding) are dropped before the softmax."""
-    logits = model(input_ids=batch.views[TOKENS], attention_mask=batch.extras[ATTENTION_MASK]).logits
+    device = next(model.parameters()).device  # the teacher's device (a GPU writes the cache much faster)
+    logits = model(input_ids=batch.views[TOKENS].to(device),
+                   attention_mask=batch.extras[ATTENTION_MASK].to(device)).logits
     if logits.shape[-1] < vocab_size:
         raise TopKCacheError(f"the teacher has {logits.shape[-1]} logits per token, fewer than the vocabulary's "
                              f"{vocab_size}: is it the tokenizer's model?")
-    covered = batch.target != IGNORE_INDEX
+    covered = (batch.target != IGNORE_INDEX).to(device)
     rows = logits[..., :vocab_size][covered].float().log_softmax(-1)
     values, ids = rows.topk(k, dim=-1, sorted=True)
     tail = None
@@ -435,3 +437,24 @@ class CachedTopKTeacher:
 
     def close(self) -> None:
         return None
+
+
+def run_topk_teacher(spec: Any, model: nn.Module, teacher_fingerprint: str, tokenizer_fingerprint: str,
+                     examples: Sequence[TokenizedExample], index: Sequence[int], vocab_size: int, pad: int,
+                     quiet: bool = False) -> CachedTopKTeacher:
+    """The teacher of a language run with ``teacher.cache: topk``: its cache of the training samples, written
+    now if missing or unfinished (resumed), then served. ``spec`` is the recipe's ``teacher.topk``
+    (``k``, ``tail``, ``value_dtype``, ``dir``); without ``dir`` the folder is
+    ``$ALAMBIC_CACHE/teachers/topk/<teacher>-<data>-k<k>-<tail>-<value_dtype>``. A folder written for another
+    teacher, tokenizer, data, k or tail is refused in one line, never overwritten."""
+    from alambic.cache_dir import cache_dir
+
+    data = data_fingerprint(examples, index)
+    folder = Path(spec.dir) if spec.dir is not None else cache_dir("teachers") / "topk" / (
+        f"{teacher_fingerprint}-{data}-k{spec.k}-{spec.tail}-{spec.value_dtype}")
+    write_topk_cache(model, examples, index, folder, k=spec.k, tail=spec.tail, value_dtype=spec.value_dtype,
+                     teacher_fingerprint=teacher_fingerprint, tokenizer_fingerprint=tokenizer_fingerprint,
+                     vocab_size=vocab_size, pad=pad, progress=(lambda line: None) if quiet else None)
+    return CachedTopKTeacher(folder, expect={"teacher": teacher_fingerprint, "tokenizer": tokenizer_fingerprint,
+                                             "data": data, "k": spec.k, "tail": spec.tail,
+                                             "vocab_size": vocab_size})

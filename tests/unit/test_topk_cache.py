@@ -210,3 +210,41 @@ def test_bad_writer_arguments_are_refused(setup, tmp_path):
     with pytest.raises(TopKCacheError, match="one distinct sample id per example"):
         write_topk_cache(setup[1], setup[2], [1] * len(setup[2]), tmp_path / "c", k=3, teacher_fingerprint="t",
                          tokenizer_fingerprint="x", vocab_size=len(tok), pad=0)
+
+
+def test_a_token_kd_run_from_the_cache_at_k_equal_v_ends_at_the_live_teacher_runs_weights(tmp_path):
+    """``teacher.cache: topk`` with k = V and float32 values: the same loss (the bucket is empty), so the same
+    training trajectory. Tolerance 1e-4 absolute on the weights after 2 epochs: the cached and dense losses
+    differ only by float32 rounding (log-softmax over the k gathered ids vs over the vocabulary, ~1e-7 per
+    token), which Adam's updates can amplify a little; a wrong loss (another tail, a shifted position) moves
+    the weights by far more (checked: the float16 cache's run differs by more than that)."""
+    from safetensors.torch import load_file
+
+    from alambic.models.causal_lm import write_tiny_lm
+    from alambic.recipe import load_recipe
+    from alambic.run import run
+
+    lm = write_tiny_lm(tmp_path / "lm", steps=20)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(str(lm)))
+    base = {"name": "t", "data": {"name": "text", "path": str(lm / "corpus.txt"), "format": "plain", "unit": "line",
+                                  "max_length": 16, "max_examples": 48, "val_fraction": 0.1, "test_fraction": 0.1},
+            "teacher": {"hf": str(lm)}, "student": {"arch": "prune", "keep": [0, 1]},
+            "method": {"name": "token_kd", "divergence": "forward_kl"},
+            "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "log_every": 100},
+            "eval": {"num_prompts": 1, "max_new_tokens": 2}}
+
+    def weights(teacher: dict, out: str) -> dict[str, torch.Tensor]:
+        run(load_recipe({**base, "teacher": {**base["teacher"], **teacher}}), tmp_path / out, progress=False)
+        return load_file(str(tmp_path / out / "student" / "model.safetensors"))
+
+    live = weights({}, "live")
+    exact = weights({"cache": "topk", "topk": {"k": vocab, "value_dtype": "float32", "dir": str(tmp_path / "c32")}},
+                    "cached")
+    rounded = weights({"cache": "topk", "topk": {"k": vocab, "dir": str(tmp_path / "c16")}}, "cached16")
+    assert live.keys() == exact.keys()
+    gap = max((live[k] - exact[k]).abs().max().item() for k in live)
+    gap16 = max((live[k] - rounded[k]).abs().max().item() for k in live)
+    assert gap < 1e-4 < gap16, (gap, gap16)
+    assert json.loads((tmp_path / "c32" / "manifest.json").read_text())["complete"]
+    with pytest.raises(TopKCacheError, match="k: cache"):  # the folder now holds k = V; asking for 4 is refused
+        weights({"cache": "topk", "topk": {"k": 4, "value_dtype": "float32", "dir": str(tmp_path / "c32")}}, "stale")
