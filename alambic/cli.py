@@ -140,7 +140,36 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--clear", nargs="*", metavar="KIND", default=None,
                    help="delete these kinds (glyphs, probes, teachers; none named: all): they are rebuilt on use")
     c.set_defaults(func=_cache)
+
+    tk = sub.add_parser("cache-logits", help="a language recipe's teacher top-k log-probs over its training split, "
+                                             "once (resumable), for teacher.cache: topk")
+    tk.add_argument("recipe", type=Path)
+    tk.add_argument("overrides", nargs="*", metavar="key.path=value")
+    tk.add_argument("--out", type=Path, default=None, help="cache folder (default: the recipe's teacher.topk.dir)")
+    tk.add_argument("--k", type=int, default=None, help="log-probs per token (default: teacher.topk.k, else 64)")
+    tk.add_argument("--tail", choices=["bucket", "renormalize"], default=None,
+                    help="tail policy (default: teacher.topk.tail, else bucket)")
+    tk.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                    help="log-prob storage (default: teacher.topk.value_dtype, else float16)")
+    tk.add_argument("--batch-size", type=int, default=8, help="samples per teacher forward")
+    tk.add_argument("--shard-samples", type=int, default=512, help="samples per shard file")
+    tk.add_argument("--rebuild", action="store_true", help="replace a cache in --out made for something else")
+    tk.add_argument("--quiet", action="store_true", help="no progress lines")
+    tk.set_defaults(func=_cache_logits)
     return p
+
+
+def _cache_logits(args) -> int:
+    from alambic.recipe import load_recipe
+    from alambic.teachers.topk import cache_logits_for_recipe
+
+    report = cache_logits_for_recipe(load_recipe(args.recipe, args.overrides), args.out, k=args.k, tail=args.tail,
+                                     value_dtype=args.dtype, batch_size=args.batch_size,
+                                     shard_samples=args.shard_samples, rebuild=args.rebuild, quiet=args.quiet)
+    print(f"top-k cache {report.folder}: {report.tokens:,} tokens, {report.bytes:,} bytes, "
+          f"{report.bytes_per_token:.1f} B/token ({report.shards_written} shards written, "
+          f"{report.shards_reused} reused)")
+    return 0
 
 
 def _generate_arguments(gen: argparse.ArgumentParser) -> None:

@@ -73,8 +73,9 @@ MANIFEST = "manifest.json"
 TAIL_POLICIES = ("bucket", "renormalize")
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # the fields that say what a cache is; any difference makes it another cache
+# (``shard_samples`` is not one: a writer continues an unfinished cache with the shard size it began with)
 IDENTITY = ("format", "version", "teacher", "tokenizer", "data", "k", "tail", "value_dtype", "index_dtype",
-            "vocab_size", "num_samples", "shard_samples")
+            "vocab_size", "num_samples")
 
 
 class TopKCacheError(AlambicError):
@@ -190,6 +191,7 @@ def write_topk_cache(model: nn.Module, examples: Sequence[TokenizedExample], ind
             "index_dtype": str(index_dtype(vocab_size)).removeprefix("torch."), "vocab_size": vocab_size,
             "num_samples": len(ids_list), "shard_samples": shard_samples}
     manifest = _resume_manifest(folder, want, rebuild)
+    shard_samples = int(manifest["shard_samples"])  # an unfinished cache keeps the shard size it began with
     done = {s["file"] for s in manifest["shards"]}
     n_shards = math.ceil(len(order) / shard_samples)
     was_training = model.training
@@ -458,3 +460,41 @@ def run_topk_teacher(spec: Any, model: nn.Module, teacher_fingerprint: str, toke
     return CachedTopKTeacher(folder, expect={"teacher": teacher_fingerprint, "tokenizer": tokenizer_fingerprint,
                                              "data": data, "k": spec.k, "tail": spec.tail,
                                              "vocab_size": vocab_size})
+
+
+def cache_logits_for_recipe(recipe: Any, out: str | Path | None = None, *, k: int | None = None,
+                            tail: str | None = None, value_dtype: str | None = None, batch_size: int = 8,
+                            shard_samples: int = 512, rebuild: bool = False, quiet: bool = False) -> CacheReport:
+    """``alambic cache-logits``: the top-k cache of a language recipe's teacher over its training split.
+
+    ``k``, ``tail``, ``value_dtype`` and the folder default to the recipe's ``teacher.topk`` (else 64,
+    bucket, float16); the result is what a run of that recipe with ``teacher.cache: topk`` and
+    ``teacher.topk.dir: OUT`` reads (same teacher, tokenizer and data fingerprints)."""
+    from alambic.data.text_build import build_text_data
+    from alambic.models.causal_lm import load_causal_lm, load_tokenizer, output_rows, tokenizer_fingerprint
+    from alambic.teachers.causal_lm import CausalLMTeacher
+
+    spec = recipe.teacher
+    if spec is None or spec.hf is None:
+        raise TopKCacheError("cache-logits needs a language recipe whose teacher is a causal LM (teacher.hf)")
+    topk = spec.topk
+    k = k if k is not None else (topk.k if topk else 64)
+    tail = tail or (topk.tail if topk else "bucket")
+    value_dtype = value_dtype or (topk.value_dtype if topk else "float16")
+    folder = out if out is not None else (topk.dir if topk and topk.dir else None)
+    if folder is None:
+        raise TopKCacheError("cache-logits needs --out (or teacher.topk.dir in the recipe)")
+    tokenizer = load_tokenizer(spec.hf, spec.gguf_file)
+    data = build_text_data(recipe.data, tokenizer)
+    model = load_causal_lm(spec.hf, spec.gguf_file, spec.dtype or "float32")
+    vocab = len(tokenizer)
+    if output_rows(model) < vocab:
+        raise TopKCacheError(f"the teacher has {output_rows(model)} output rows, fewer than its tokenizer's {vocab}")
+    teacher = CausalLMTeacher(model, tokenizer, spec.hf)
+    ids = data.splits["train"]
+    say = (lambda line: None) if quiet else None
+    return write_topk_cache(model, [data.examples[i] for i in ids], ids, folder, k=k, tail=tail,
+                            value_dtype=value_dtype, teacher_fingerprint=teacher.fingerprint(),
+                            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=vocab,
+                            pad=data.pad, batch_size=batch_size, shard_samples=shard_samples, rebuild=rebuild,
+                            progress=say)

@@ -248,3 +248,31 @@ def test_a_token_kd_run_from_the_cache_at_k_equal_v_ends_at_the_live_teacher_run
     assert json.loads((tmp_path / "c32" / "manifest.json").read_text())["complete"]
     with pytest.raises(TopKCacheError, match="k: cache"):  # the folder now holds k = V; asking for 4 is refused
         weights({"cache": "topk", "topk": {"k": 4, "value_dtype": "float32", "dir": str(tmp_path / "c32")}}, "stale")
+
+
+def test_the_cache_logits_command_writes_what_a_topk_run_reads_and_refuses_a_stale_folder(tmp_path, capsys):
+    import yaml
+
+    from alambic.cli import main
+    from alambic.models.causal_lm import write_tiny_lm
+    from alambic.recipe import load_recipe
+    from alambic.run import run
+
+    lm = write_tiny_lm(tmp_path / "lm", steps=0)
+    recipe = {"name": "t", "data": {"name": "text", "path": str(lm / "corpus.txt"), "format": "plain",
+                                    "unit": "line", "max_length": 16, "max_examples": 28, "val_fraction": 0.1,
+                                    "test_fraction": 0.1},
+              "teacher": {"hf": str(lm), "cache": "topk", "topk": {"k": 4, "dir": str(tmp_path / "c")}},
+              "student": {"arch": "prune", "keep": [0]}, "method": {"name": "token_kd"},
+              "train": {"epochs": 1, "batch_size": 8, "log_every": 100}, "eval": {"num_prompts": 1, "max_new_tokens": 2}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["cache-logits", str(path), "--shard-samples", "8", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"top-k cache {tmp_path / 'c'}:" in out and "B/token (3 shards written, 0 reused)" in out
+    manifest = (tmp_path / "c" / "manifest.json").read_text()
+    run(load_recipe(recipe), tmp_path / "run", progress=False)  # reads the folder as it is
+    assert (tmp_path / "c" / "manifest.json").read_text() == manifest
+    assert main(["cache-logits", str(path), "--k", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "k: cache 4, wanted 5" in err and "--rebuild" in err
