@@ -65,6 +65,8 @@ from alambic.teachers.ema import EmaTeacher
 from alambic.teachers.ensemble import TeacherEnsemble
 from alambic.teachers.frozen import FrozenTeacher
 from alambic.teachers.transfer import TransferTeacher
+from alambic.train import distributed as dist
+from alambic.train.devices import place_teacher, resolve_device
 from alambic.train.loop import CHECKPOINT, Callback, Trainer
 from alambic.train.seeding import seed_everything
 from alambic.train.state import atomic_write_text
@@ -98,20 +100,31 @@ def run(
     recipe's ``data``/``teacher`` sections.
 
     ``out`` is locked for the whole call: a second process that asks for it meanwhile gets a RunDirError.
+
+    Under ``torchrun --nproc-per-node N`` every process calls this; they join one process group
+    (:mod:`alambic.train.distributed`), rank 0 alone locks and writes ``out``, and every rank returns the
+    summary rank 0 wrote.
     """
     if teacher is None and (problem := missing_teacher(recipe)):
         raise RecipeError(problem)  # before the run directory exists: a fixed recipe may use the same --out
     out = Path(out)
-    lock = lock_run_dir(out)
+    world = dist.init(resolve_device(recipe.train.device))  # one process: World(), nothing joined
+    if world.size > 1 and not METHODS.get(recipe.method.name).obj.distributed_safe:
+        raise AlambicError(f"method {recipe.method.name} keeps state across batches that is not reduced across "
+                           "processes yet: run it in one process (without torchrun)")
+    lock = lock_run_dir(out) if world.is_main else None
     try:
-        return _run(recipe, out, resume, progress, data, teacher, callbacks)
+        summary = _run(recipe, out, resume, progress, data, teacher, callbacks)
+        return dist.broadcast_object(summary if world.is_main else None)
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
 
 
 def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBundle | None,
          teacher: Teacher | None, callbacks: Sequence[Callback]) -> dict[str, Any]:
-    if _prepare_run_dir(out, recipe, resume):
+    world = dist.current()
+    if dist.broadcast_object(_prepare_run_dir(out, recipe, resume) if world.is_main else None):
         return finished_summary(out)
     if METHODS.get(recipe.method.name).obj.modality == "text":  # a language run: assembled apart
         from alambic.language_run import run_language
@@ -141,6 +154,7 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBund
         views += maker.names
     method.use_views(views)
     net = method.wrap_student(student, data.train.x[:2], recipe.student.arch)
+    net.to(dist.rank_device(resolve_device(recipe.train.device)))  # before an EMA teacher copies it
     total_steps = recipe.train.plan(len(loader))[1]
     if teacher is None and recipe.teacher_specs():
         specs = recipe.teacher_specs()
@@ -155,16 +169,21 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBund
     callbacks = list(callbacks)
     feature = representation_path(net, method, recipe)
     probe_every = ev.probe_every if ev.probe_every is not None else (max(1, total_steps // 10) if ssl else 0)
-    if probe_every and feature is not None:
+    if probe_every and feature is not None and world.is_main:
         callbacks.append(ProbeCallback(data, feature, probe_every, k=ev.knn_k, temperature=ev.knn_temperature,
                                        max_train=ev.probe_train_samples, batch_size=ev.batch_size))
-    watch = CollapseWatch() if ssl else None
+    watch = CollapseWatch() if ssl and world.is_main else None
     if watch is not None:
         callbacks.append(watch)
     trainer = Trainer(net, method, loader, recipe.train, teacher=teacher, run_dir=out,
-                      val_fn=None if ssl else validate, callbacks=callbacks, progress=progress)
-    attempts = _record_attempt(out, resumed=resume and (out / CHECKPOINT).exists())
+                      val_fn=None if ssl else validate, callbacks=callbacks, progress=progress,
+                      teacher_device=recipe.teacher.device if recipe.teacher is not None else None)
+    attempts = _record_attempt(out, resumed=resume and (out / CHECKPOINT).exists()) if world.is_main else 0
     fit = fit_within_memory(trainer, resume, recipe.train.batch_size)
+    if not world.is_main:  # rank 0 evaluates and writes; run() hands its summary to every rank
+        return {}
+    net.cpu(), method.cpu()  # evaluation, latency and export run on the CPU, whatever trained
+    place_teacher(teacher, torch.device("cpu"))
     if hasattr(teacher, "close"):
         teacher.close()
     fit_info = {
@@ -416,13 +435,25 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool) -> bool:
         except (OSError, yaml.YAMLError) as exc:
             raise RunDirError(f"--resume: {saved_path} is unreadable ({type(exc).__name__}), so this run cannot be "
                               "checked against the recipe: choose another --out") from None
-        _check_same_recipe(resolved_again(saved), recipe.resolved(), saved_path)
+        _check_same_recipe(_without_devices(resolved_again(saved)), _without_devices(recipe.resolved()), saved_path)
         if finished:
             return True
         (out / FINISHED).unlink(missing_ok=True)  # a stale marker (a listed file gone): finishing writes it again
         return False
     _write_text(saved_path, yaml.safe_dump(recipe.resolved(), sort_keys=False))
     return False
+
+
+def _without_devices(resolved: Any) -> Any:
+    """A resolved recipe without ``train.device`` and the teachers' ``device``: where a run computes is not
+    part of what it is, so a checkpoint written on a GPU resumes on a CPU (and the reverse)."""
+    if not isinstance(resolved, dict):
+        return resolved
+    out = copy.deepcopy(resolved)
+    for section in [out.get("train"), out.get("teacher"), *(out.get("teachers") or [])]:
+        if isinstance(section, dict):
+            section.pop("device", None)
+    return out
 
 
 def _check_same_recipe(saved: Any, now: Any, saved_path: Path) -> None:

@@ -26,14 +26,20 @@ def _same_shape(student: Tensor, teacher: Tensor, what: str) -> None:
         )
 
 
+def upcast(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is half precision (bf16/fp16 logits from an autocast forward), else as it is:
+    softmaxes and logs of half-precision logits lose the small probabilities a divergence is made of."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float, what: str) -> tuple[Tensor, Tensor]:
     """Checked, temperature-scaled log-softmax of both sides as [N, C] rows (the teacher detached)."""
     _same_shape(student_logits, teacher_logits, what)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     c = student_logits.shape[-1]
-    log_p_s = F.log_softmax(student_logits.reshape(-1, c) / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().reshape(-1, c) / temperature, dim=-1)
+    log_p_s = F.log_softmax(upcast(student_logits.reshape(-1, c)) / temperature, dim=-1)
+    log_p_t = F.log_softmax(upcast(teacher_logits.detach().reshape(-1, c)) / temperature, dim=-1)
     return log_p_s, log_p_t
 
 

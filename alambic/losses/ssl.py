@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alambic.errors import AlambicError, ShapeMismatchError
+from alambic.losses.divergence import upcast
 
 __all__ = [
     "byol_loss",
@@ -107,9 +108,9 @@ def dino_loss(student_outputs: Sequence[Tensor], teacher_outputs: Sequence[Tenso
             f"{len(students)} student view(s); DINO needs at least two views"
         )
     c = _center_row(center, students[0].shape[1], what)
-    targets = [_teacher_probs(t, c, teacher_temperature) for t in teachers]
-    log_probs = [F.log_softmax(s / student_temperature, dim=-1) for s in students]
-    total = students[0].new_zeros(())
+    targets = [_teacher_probs(upcast(t), c, teacher_temperature) for t in teachers]  # bf16 logits: fp32 softmaxes
+    log_probs = [F.log_softmax(upcast(s) / student_temperature, dim=-1) for s in students]
+    total = log_probs[0].new_zeros(())
     for i, p_t in enumerate(targets):
         for v, log_p_s in enumerate(log_probs):
             if v == i:
@@ -233,15 +234,18 @@ def seed_loss(student_embedding: Tensor, teacher_embedding: Tensor, queue: Tenso
         )
     _positive(student_temperature, "student_temperature", what)
     _positive(teacher_temperature, "teacher_temperature", what)
-    z_s = F.normalize(student_embedding, dim=-1)
-    z_t = F.normalize(teacher_embedding.detach(), dim=-1)
-    bank = F.normalize(queue.detach().to(z_t.dtype), dim=-1)
-    own_s = (z_s * z_t).sum(-1, keepdim=True)  # [B, 1]: z_s_i · z_t_i
-    own_t = (z_t * z_t).sum(-1, keepdim=True)  # [B, 1]: z_t_i · z_t_i (= 1)
-    logits_s = torch.cat([own_s, z_s @ bank.T], dim=1) / student_temperature  # [B, 1 + Q]
-    logits_t = torch.cat([own_t, z_t @ bank.T], dim=1) / teacher_temperature
-    p_t = F.softmax(logits_t, dim=-1)
-    return (-(p_t * F.log_softmax(logits_s, dim=-1)).sum(-1)).mean()
+    # fp32 similarities even under autocast: divided by τ_t = 1e-4, a bf16 dot product's rounding (~4e-3)
+    # would swamp the differences the teacher's distribution is made of
+    with torch.autocast(student_embedding.device.type, enabled=False):
+        z_s = F.normalize(upcast(student_embedding), dim=-1)
+        z_t = F.normalize(upcast(teacher_embedding.detach()), dim=-1)
+        bank = F.normalize(queue.detach().to(z_t.dtype), dim=-1)
+        own_s = (z_s * z_t).sum(-1, keepdim=True)  # [B, 1]: z_s_i · z_t_i
+        own_t = (z_t * z_t).sum(-1, keepdim=True)  # [B, 1]: z_t_i · z_t_i (= 1)
+        logits_s = torch.cat([own_s, z_s @ bank.T], dim=1) / student_temperature  # [B, 1 + Q]
+        logits_t = torch.cat([own_t, z_t @ bank.T], dim=1) / teacher_temperature
+        p_t = F.softmax(logits_t, dim=-1)
+        return (-(p_t * F.log_softmax(logits_s, dim=-1)).sum(-1)).mean()
 
 
 @torch.no_grad()

@@ -72,6 +72,9 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = False
     uses_unlabeled: ClassVar[bool] = False
     self_supervised: ClassVar[bool] = False  # trains on every sample without its label; evaluated by probes
+    # False: the method keeps state across batches (a memory bank, a per-sample store) that is not yet reduced
+    # across ranks, so a run on several processes is refused rather than silently different
+    distributed_safe: ClassVar[bool] = True
     modality: ClassVar[str] = "tensor"  # "text": a language method, its run assembled by alambic.language_run
     student_views: tuple[str, ...] = (INPUT,)
     teacher_views: tuple[str, ...] = (INPUT,)

@@ -89,6 +89,8 @@ class CRD(Method):
     samples of other classes, which needs labels on every sample.
     """
 
+    distributed_safe = False  # its memory bank: not reduced across ranks yet
+
     paper = 'Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020, arXiv:1910.10699'
 
     Config = CRDConfig

@@ -35,6 +35,19 @@ class DINOConfig(MethodConfig):
     center_momentum: float = Field(0.9, ge=0, le=1, description="m of the center's EMA (paper: 0.9)")
 
 
+def reduced_center(center: torch.Tensor, teacher_outputs, momentum: float) -> torch.Tensor:
+    """:func:`~alambic.losses.dino_center` over the global batch: on several processes the batch mean is the
+    sum of the teacher rows over ranks divided by their global count, as the official code all-reduces it
+    (``dist.all_reduce(batch_center)`` / (B · world size)); one process: ``dino_center`` itself."""
+    from alambic.train import distributed as dist
+
+    if not dist.active():
+        return dino_center(center, teacher_outputs, momentum)
+    rows = torch.cat([t.detach() for t in teacher_outputs]).float()
+    stats = dist.all_sum(torch.cat([rows.sum(0), rows.new_tensor([float(len(rows))])]))
+    return dino_center(center, [(stats[:-1] / stats[-1]).reshape(1, -1)], momentum)
+
+
 @METHODS.register("dino")
 class DINO(Method):
     """``Σ_{i∈global} Σ_{v≠i} H(softmax((t_i − c)/τ_t), softmax(s_v/τ_s))``, averaged over pairs, no labels.
@@ -103,7 +116,7 @@ class DINO(Method):
             monitors = {"H_teacher": torch.tensor(h["entropy"]), "H_mean": torch.tensor(h["mean_entropy"]),
                         "loss_over_lnK": loss.detach() / h["max"]}
             if self.training:
-                self.center.copy_(dino_center(self.center, t, cfg.center_momentum).reshape(self.center.shape))
+                self.center.copy_(reduced_center(self.center, t, cfg.center_momentum).reshape(self.center.shape))
         return loss, monitors
 
     def forward(self, student, teacher, batch, ctx) -> MethodOutput:

@@ -6,10 +6,10 @@ import torch
 from pydantic import Field
 
 from alambic.errors import AlambicError, ShapeMismatchError
-from alambic.losses import dino_center, masked_token_loss
+from alambic.losses import masked_token_loss
 from alambic.methods._ssl import cross_view_plan
 from alambic.methods.base import MethodOutput
-from alambic.methods.dino import DINO, DINOConfig
+from alambic.methods.dino import DINO, DINOConfig, reduced_center
 from alambic.models.heads import DEFAULT_TOKENS, EmbeddingNet, feature_path, tap_dim
 from alambic.registry import METHODS
 
@@ -86,7 +86,7 @@ class IBOT(DINO):
         patch = torch.stack(patch_losses).mean()
         if self.training:
             with torch.no_grad():
-                new = dino_center(self.patch_center, teacher_tokens, cfg.center_momentum)
+                new = reduced_center(self.patch_center, teacher_tokens, cfg.center_momentum)
                 self.patch_center.copy_(new.reshape(self.patch_center.shape))
         loss = cfg.cls_weight * cls + cfg.patch_weight * patch
         return MethodOutput(loss, {"cls": (cfg.cls_weight * cls).detach(), "patch": (cfg.patch_weight * patch).detach()},

@@ -147,6 +147,8 @@ class LossGate(Method):
     correction also requires a confident prediction is not verified; here it does not.
     """
 
+    distributed_safe = False  # its per-sample losses: not reduced across ranks yet
+
     paper = (
         'Han, Chen, Qian, "Self-Supervised Speaker Verification Using Dynamic Loss-Gate and Label '
         'Correction" (DLG-LC), 2022, arXiv:2208.01928; extended in "Self-Supervised Learning with '

@@ -70,6 +70,8 @@ class PSKD(Method):
     method trains on labelled samples only.
     """
 
+    distributed_safe = False  # its per-sample store: not reduced across ranks yet
+
     paper = (
         'Kim et al., "Self-Knowledge Distillation with Progressive Refinement of Targets" (PS-KD), '
         "ICCV 2021, arXiv:2006.12000"

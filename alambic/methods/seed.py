@@ -99,6 +99,8 @@ class SEED(Method):
         z_s = self.projector(student[v].features[self.feature].flatten(1))
         z_t = teacher[self.teacher_views[0]].features[cfg.teacher_feature].flatten(1)
         loss = seed_loss(z_s, z_t, self.stored(), cfg.student_temperature, cfg.teacher_temperature)
-        if self.training:
-            self.enqueue(z_t)
+        if self.training:  # several processes: the all-gathered batch, in rank order (the one-process batch)
+            from alambic.train.distributed import gather_rows
+
+            self.enqueue(gather_rows(z_t.detach()))
         return MethodOutput(loss, {"seed": loss.detach()}, None)

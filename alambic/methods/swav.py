@@ -40,6 +40,8 @@ class SwAV(Method):
     monitor ``used_prototypes`` counts the prototypes that are some sample's arg-max.
     """
 
+    distributed_safe = False  # Sinkhorn over the local batch (SwAV all-reduces its sums): not reduced across ranks yet
+
     paper = ('Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments" '
              '(SwAV), 2020, arXiv:2006.09882, Eq. (1)-(3); hard codes: DISCOVR (Divyanshu et al., 2025)')
 

@@ -140,6 +140,8 @@ class TeacherSpec(Strict):
                     "(teacher.topk) and read back instead of running the teacher",
     )
     topk: TopKSpec | None = Field(None, description="with cache: topk, the cache's k, tail policy and folder")
+    device: str | None = Field(None, pattern=r"^(cpu|mps|cuda(:\d+)?)$",
+                               description="where the teacher runs; None: the student's device (train.device)")
     trust_code: bool = Field(
         False,
         description="let a run directory (run, transfer.run) whose student is a user factory (arch: module) "
@@ -203,6 +205,13 @@ class TrainSpec(Strict):
     eval_every: int = Field(1, ge=1, description="epochs between validation passes")
     log_every: int = Field(10, ge=1, description="optimizer steps between metric lines")
     threads: int | None = Field(1, ge=1, description="torch CPU threads; small models are fastest on 1")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="auto | cpu | cuda | cuda:N | mps; auto: cuda when available, else cpu. Not part "
+                                    "of a run's identity: a checkpoint resumes on any device")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward (student, teacher, method loss); losses and softmaxes stay "
+                            "fp32; fp16 adds a gradient scaler (checkpointed)")
+    compile: bool = Field(False, description="torch.compile the student (first steps slower while it compiles)")
 
     def plan(self, steps_per_epoch: int) -> tuple[int, int]:
         """(epochs, total optimizer steps) for a loader of ``steps_per_epoch`` batches."""

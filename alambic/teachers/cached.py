@@ -149,11 +149,11 @@ class CachedTeacher:
             self._load(self.file)
 
     def _cached(self, batch: Batch) -> ModelOutput:
-        x, index = batch.views[INPUT], batch.index
+        x, index = batch.views[INPUT], batch.index.cpu()  # the store lives on the CPU, whatever the device
         if len(index) and int(index.max()) >= self.num_samples:
             raise AlambicError(f"teacher cache: sample index {int(index.max())} is beyond the {self.num_samples} "
                                "samples it was made for")
-        keys = input_keys(x)
+        keys = input_keys(x).cpu()
         known = self.keys[index]
         hit = self.filled[index] & ((known - keys).abs() <= KEY_TOLERANCE * (1 + keys.abs()))
         n_miss = int((~hit).sum())
@@ -164,7 +164,7 @@ class CachedTeacher:
             return fresh
         if n_miss:
             miss = ~hit
-            self._put(index[miss], keys[miss], self.teacher.outputs(batch.select(miss), [INPUT])[INPUT])
+            self._put(index[miss], keys[miss], self.teacher.outputs(batch.select(miss.to(x.device)), [INPUT])[INPUT])
         logits = self.store["logits"][index] if "logits" in self.store else None
         feats = {tap: self.store[f"feature:{tap}"][index] for tap in self.taps}
         return ModelOutput(logits, feats)

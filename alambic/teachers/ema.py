@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from alambic.data.batch import Batch
 from alambic.errors import AlambicError
 from alambic.teachers.base import ModelOutput
-from alambic.teachers.frozen import FrozenTeacher, model_outputs, state_fingerprint
+from alambic.teachers.frozen import FrozenTeacher, model_outputs, on_model_device, state_fingerprint
 
 
 def ema_momentum(step: int, total_steps: int, start: float, end: float | None) -> float:
@@ -132,7 +132,7 @@ class EmaTeacher(FrozenTeacher):
         if not self.batch_stats:
             return super().outputs(batch, views)
         with batch_statistics(self.model):
-            return model_outputs(self.model, batch, views, self._taps)
+            return model_outputs(self.model, on_model_device(batch, self.model), views, self._taps)
 
     def after_step(self, student: nn.Module, step: int) -> None:
         m = scheduled_momentum(self.schedule, step, self.every, self.momentum)

@@ -28,6 +28,13 @@ def model_outputs(model: nn.Module, batch: Batch, views: Sequence[str], taps: Ta
     return outs
 
 
+def on_model_device(batch: Batch, model: nn.Module) -> Batch:
+    """``batch`` on the device of ``model``'s parameters (the teacher may sit on another device than the student)."""
+    for p in model.parameters():
+        return batch.to(p.device) if batch.index.device != p.device else batch
+    return batch
+
+
 def state_fingerprint(module: nn.Module, *extra: str) -> str:
     """sha256 over the class name, every parameter and buffer (name, dtype, shape, bytes) and ``extra``."""
     h = hashlib.sha256(type(module).__qualname__.encode())
@@ -61,7 +68,7 @@ class FrozenTeacher:
     def outputs(self, batch: Batch, views: Sequence[str]) -> dict[str, ModelOutput]:
         if self.model.training:
             self.model.eval()
-        return model_outputs(self.model, batch, views, self._taps)
+        return model_outputs(self.model, on_model_device(batch, self.model), views, self._taps)
 
     def after_step(self, student: nn.Module, step: int) -> None:
         return None

@@ -28,7 +28,10 @@ from alambic.models.taps import Taps
 from alambic.recipe.schema import TrainSpec
 from alambic.teachers.base import Teacher
 from alambic.teachers.frozen import model_outputs
+from alambic.train import distributed as dist
 from alambic.train import state as st
+from alambic.train.devices import (autocast, check_precision, float_outputs, grad_scaler, move_outputs, place_teacher,
+                                   resolve_device)
 from alambic.train.metrics import MetricsLog
 from alambic.train.progress import training_progress
 from alambic.train.schedules import lr_schedule
@@ -70,12 +73,26 @@ class Trainer:
         val_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         callbacks: Sequence[Callback] = (),
         progress: bool = True,
+        teacher_device: str | torch.device | None = None,
     ):
         self.student, self.method, self.teacher = student, method, teacher
         self.loader, self.cfg = train_loader, cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.val_fn, self.callbacks, self.show_progress = val_fn, list(callbacks), progress
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None)
+        # several processes (torchrun): rank 0 alone writes metrics and checkpoints and runs validation
+        self.world = dist.current()
+        self.val_fn, self.callbacks = val_fn, list(callbacks)
+        self.show_progress = progress and self.world.is_main
+        main_dir = self.run_dir if self.world.is_main else None
+        self.metrics = MetricsLog(main_dir / "metrics.jsonl" if main_dir else None)
+        # the device (train.device) and precision (train.precision): see alambic.train.devices
+        self.device = dist.rank_device(resolve_device(cfg.device))
+        check_precision(self.device, cfg.precision)
+        student.to(self.device)
+        if teacher is not None:
+            place_teacher(teacher, resolve_device(str(teacher_device), "teacher.device")
+                          if teacher_device is not None else self.device)
+        self.scaler = grad_scaler(self.device, cfg.precision)
+        self.forward_student = torch.compile(student) if cfg.compile else student
 
         self.student_taps = Taps(student, method.student_taps()).attach() if method.student_taps() else None
         if teacher is not None and hasattr(teacher, "use_taps"):
@@ -84,11 +101,15 @@ class Trainer:
         self.steps_per_epoch = len(train_loader)
         self.epochs, self.total_steps = cfg.plan(self.steps_per_epoch)
         self.info = self._setup_method()
+        method.to(self.device)  # state the method built in setup (centers, queues, heads) lives by the student
+        dist.broadcast_module(method)  # heads drawn after seeding: rank 0's everywhere
+        dist.broadcast_module(student)
         self.method_schedules = method.schedules(self.info)
         for name, values in self.method_schedules.items():
             if len(values) != self.total_steps:
                 raise ValueError(f"schedule '{name}' has {len(values)} values for {self.total_steps} steps")
         params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
+        self.params = params
         self.optimizer = make_optimizer(params, cfg)
         warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         self.lrs = lr_schedule(cfg.lr, self.total_steps, self.steps_per_epoch, cfg.schedule, warmup,
@@ -105,30 +126,42 @@ class Trainer:
             self.student.train()
         if not self.method.training:
             self.method.train()
+        batch = batch.to(self.device)  # once per step
         batch = self.method.prepare(batch, ctx)  # on-policy methods draw their completions here (gkd)
+        rows_global = len(batch)
+        share = 1.0  # N · this rank's share of the global batch: the mean over ranks is the global mean
+        if self.world.size > 1:
+            full, batch = batch, batch.select(dist.shard(rows_global, self.world))
+            share = self.world.size * float(self.method.chunk_weight(batch, full))
+            dist.broadcast_buffers(self.student, self.method)  # BatchNorm running statistics: rank 0's, as DDP
         if self.cfg.grad_accum == 1:
             out = self._forward(batch, ctx)
-            out.loss.backward()
+            self._backward(out.loss if share == 1.0 else out.loss * share)
             total, terms, monitors = out.loss.detach(), dict(out.terms), dict(out.monitors)
         else:  # chunks weighted by the method's chunk_weight (rows share; token share for token losses): one big step
             n = len(batch)
-            total, terms, monitors = torch.zeros(()), {}, {}
+            total, terms, monitors = torch.zeros((), device=self.device), {}, {}
             for rows in _chunks(n, self.cfg.grad_accum):
                 chunk = batch.select(rows)
                 weight = self.method.chunk_weight(chunk, batch)
                 out = self._forward(chunk, ctx)
-                (out.loss * weight).backward()
+                self._backward(out.loss * (weight * share))
                 total = total + out.loss.detach() * weight
                 for k, v in out.terms.items():
                     terms[k] = terms.get(k, 0.0) + v * weight
                 for k, v in out.monitors.items():
                     monitors[k] = monitors.get(k, 0.0) + v.detach() * weight
+        if self.world.size > 1:  # the global batch's loss and terms on every rank (all stop together on a nan)
+            total, terms, monitors = _global_logs(total, terms, monitors, share / self.world.size)
+            dist.average_gradients(self.params)
         loss = float(total)
         if not math.isfinite(loss):
             bad = next((k for k, v in terms.items() if not math.isfinite(float(v))), "loss")
             self.optimizer.zero_grad(set_to_none=True)
             kept = str(self.checkpoint_path) if self.checkpoint_step is not None else None
             raise NonFiniteLossError(ctx.step + 1, bad, float(terms.get(bad, total)), kept, self.checkpoint_step)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.clip_grad_norm
@@ -136,27 +169,41 @@ class Trainer:
         lr = self.lrs[ctx.step]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if self.scaler is not None:  # fp16: skips the step when a gradient overflowed, then adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher is not None:
             self.teacher.after_step(self.student, ctx.step + 1)
-        return {"loss": loss, "terms": terms, "lr": lr, "monitors": monitors}
+        return {"loss": loss, "terms": terms, "lr": lr, "monitors": monitors, "rows": rows_global}
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _forward(self, batch: Batch, ctx: StepContext):
-        """Teacher outputs, student outputs, the method's loss: the top of the diagram."""
-        teacher_out = self.teacher.outputs(batch, self.method.teacher_views) if self.teacher is not None else None
-        student_out = model_outputs(self.student, batch, self.method.student_views, self.student_taps)
+        """Teacher outputs, student outputs, the method's loss: the top of the diagram. With bf16/fp16 the two
+        forwards run under autocast and the method on their outputs cast to fp32 (softmaxes, distances and
+        similarities of every method in fp32; :func:`~alambic.train.devices.float_outputs`)."""
+        with autocast(self.device, self.cfg.precision):
+            teacher_out = None
+            if self.teacher is not None:
+                teacher_out = move_outputs(self.teacher.outputs(batch, self.method.teacher_views), self.device)
+            student_out = model_outputs(self.forward_student, batch, self.method.student_views, self.student_taps)
+        if self.cfg.precision != "fp32":
+            student_out, teacher_out = float_outputs(student_out), float_outputs(teacher_out)
         return self.method(student_out, teacher_out, batch, ctx)
 
     # -- the loop ---------------------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> FitResult:
         epoch, pos, resumed = 0, 0, None
-        if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
+        if resume and self.checkpoint_path is not None and dist.broadcast_object(self.checkpoint_path.exists()):
             epoch, pos = self.load_checkpoint(self.checkpoint_path)
             resumed = self.step
             self.metrics.truncate_after(self.step)
-        elif self.run_dir is not None:
+        elif self.run_dir is not None and self.world.is_main:
             self.metrics.truncate_after(-1)
         self._clock = time.perf_counter()
         window = _Window()
@@ -175,7 +222,7 @@ class Trainer:
                     logs = self.train_step(batch, ctx)
                     self.step += 1
                     pos += 1
-                    window.add(logs, len(batch))
+                    window.add(logs, logs.get("rows", len(batch)))
                     if self.step % self.cfg.log_every == 0:
                         record = window.flush(self.step, epoch, logs["lr"])
                         self.metrics.write(record)
@@ -189,7 +236,8 @@ class Trainer:
                 if window.count:
                     self.metrics.write(window.flush(self.step, epoch, logs["lr"]))
                 val = None
-                if self.val_fn is not None and ((epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.epochs):
+                if self.val_fn is not None and self.world.is_main and (
+                        (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.epochs):
                     val = self.val_fn(self.student)
                     self.metrics.write({"split": "val", "step": self.step, "epoch": epoch + 1, **val})
                     bar.update(task, description=f"epoch {epoch + 1}/{self.epochs} · val acc "
@@ -212,8 +260,19 @@ class Trainer:
         return self.run_dir / CHECKPOINT if self.run_dir is not None else None
 
     def save_checkpoint(self, epoch: int, pos: int) -> None:
+        """Rank 0 writes (every rank's RNG state included); the other ranks wait until the file is there."""
         path = self.checkpoint_path
         if path is None:
+            return
+        rngs = _device_rngs(self.device)
+        if self.world.size > 1:  # a collective: every rank calls save_checkpoint at the same step
+            every = dist.gather_objects(rngs)
+            rngs = {f"{k}.{r}": v for r, states in enumerate(every) for k, v in states.items()}
+        if not self.world.is_main:
+            dist.barrier()
+            self.checkpoint_step = self.step
+            for cb in self.callbacks:
+                cb.on_checkpoint(self, path)
             return
         opt_t, opt_m = st.optimizer_state(self.optimizer)
         rng_t, rng_m = st.rng_state()
@@ -222,6 +281,7 @@ class Trainer:
             **st.prefixed("method", st.module_state(self.method)),
             **st.prefixed("optim", opt_t),
             **st.prefixed("rng", rng_t),
+            **st.prefixed("rng_device", rngs),
         }
         if self.teacher is not None and hasattr(self.teacher, "state_tensors"):
             tensors.update(st.prefixed("teacher", self.teacher.state_tensors()))
@@ -233,7 +293,14 @@ class Trainer:
                 "wall_time_s": round(wall, 3)}
         if self.teacher_fingerprint is not None:
             meta["teacher"] = self.teacher_fingerprint
-        st.atomic_save(tensors, meta, path)
+        if self.scaler is not None:
+            meta["grad_scaler"] = self.scaler.state_dict()
+        if self.world.size > 1:
+            meta["world_size"] = self.world.size
+        try:
+            st.atomic_save(tensors, meta, path)
+        finally:
+            dist.barrier()
         self.checkpoint_step = self.step
         for cb in self.callbacks:
             cb.on_checkpoint(self, path)
@@ -245,7 +312,12 @@ class Trainer:
         run (:func:`~alambic.train.state.check_checkpoint`: metadata, tensor names and shapes, the teacher's
         fingerprint) before anything is restored; whatever still fails to load is a one-line
         :class:`~alambic.errors.CheckpointError` naming the file, never a traceback."""
-        tensors, meta = st.load(path)
+        tensors, meta = st.load(path)  # CPU tensors: load_state_dict copies them onto the run's device
+        if meta.get("world_size", 1) != self.world.size:
+            from alambic.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size', 1)} process(es), this run "
+                                  f"has {self.world.size}: resume with the same --nproc-per-node")
         stateful = self.teacher is not None and hasattr(self.teacher, "load_state_tensors")
         st.check_checkpoint(path, tensors, meta, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                             epochs=self.epochs, optimizer=self.optimizer,
@@ -258,6 +330,9 @@ class Trainer:
             if stateful:
                 self.teacher.load_state_tensors(st.unprefixed("teacher", tensors))
             st.set_rng_state(st.unprefixed("rng", tensors), meta["rng"])
+            _set_device_rngs(st.unprefixed("rng_device", tensors), self.device, self.world)
+            if self.scaler is not None and "grad_scaler" in meta:
+                self.scaler.load_state_dict(meta["grad_scaler"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             from alambic.errors import CheckpointError
 
@@ -272,12 +347,13 @@ class Trainer:
 
     def _setup_method(self) -> SetupInfo:
         """Run one probe batch (eval mode, no grad: no BatchNorm update) so the method can size its state."""
-        probe = next(iter(self.loader.epoch(0)))
+        probe = next(iter(self.loader.epoch(0))).to(self.device)
         was_training = self.student.training
         self.student.eval()
         with torch.no_grad():
             teacher_out = self.teacher.outputs(probe, self.method.teacher_views) if self.teacher is not None else None
             student_out = model_outputs(self.student, probe, self.method.student_views, self.student_taps)
+            teacher_out = move_outputs(teacher_out, self.device)
         self.student.train(was_training)
         first = student_out[self.method.student_views[0]].logits
         info = SetupInfo(self.student, int(first.shape[-1]), _num_samples(self.loader), self.steps_per_epoch,
@@ -309,6 +385,36 @@ def _teacher_name(teacher: Teacher | None) -> str:
     inner = getattr(teacher, "teachers", None) or ([teacher.teacher] if hasattr(teacher, "teacher") else [])
     name = type(teacher).__name__
     return f"{name}({', '.join(_teacher_name(t) for t in inner)})" if inner else name
+
+
+def _device_rngs(device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG states the checkpoint's ``rng`` section lacks: this rank's CPU generator when several ranks run
+    (rank 0's is ``rng.torch``), and the CUDA generator of a CUDA run (dropout draws there)."""
+    out = {"torch": torch.get_rng_state()} if dist.active() else {}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def _set_device_rngs(tensors: dict[str, torch.Tensor], device: torch.device, world: dist.World) -> None:
+    """Restore :func:`_device_rngs`' states (keys ``torch[.rank]``, ``cuda[.rank]``); a CUDA state is skipped on
+    another device (a CUDA checkpoint resumed on a CPU: its draws differ from there on, its weights do not)."""
+    suffix = f".{world.rank}" if world.size > 1 else ""
+    if world.size > 1 and f"torch{suffix}" in tensors:
+        torch.set_rng_state(tensors[f"torch{suffix}"])
+    if device.type == "cuda" and f"cuda{suffix}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"cuda{suffix}"], device)
+
+
+def _global_logs(total: torch.Tensor, terms: dict[str, Any], monitors: dict[str, Any], weight: float):
+    """Loss, terms and monitors of the global batch: ``Σ_r weight_r · value_r`` in one all-reduce."""
+    names = list(terms) + list(monitors)
+    values = [total] + [terms[k] for k in terms] + [monitors[k] for k in monitors]
+    vec = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=total.device).detach().reshape(())
+                       for v in values]) * weight
+    vec = dist.all_sum(vec)
+    out = dict(zip(names, vec[1:]))
+    return vec[0], {k: out[k] for k in terms}, {k: out[k] for k in monitors}
 
 
 def _num_samples(loader) -> int:

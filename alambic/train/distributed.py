@@ -1,0 +1,197 @@
+"""Several processes, one run: ``torchrun --nproc-per-node N -m alambic run RECIPE --out DIR``.
+
+What stays the same as one process (DDP: Li et al., "PyTorch Distributed: Experiences on Accelerating Data
+Parallel Training", 2020, arXiv:2006.15704):
+
+- **the global batch.** ``train.batch_size`` is the global batch. Every rank walks the same loader order (a
+  pure function of (seed, epoch)) and keeps a contiguous slice of each global batch (:func:`shard`: rank r
+  takes rows ``[r·B/N, (r+1)·B/N)``, sizes differing by at most one), so the N slices, in rank order, are the
+  one-process batch, augmentations included (a batch's views are drawn from its own seeded generator
+  before it is sliced).
+- **the gradient.** DDP all-reduces the student's gradients as a mean over ranks; the method's own
+  trainable parameters (projectors, regressors) are averaged the same way by :func:`average_gradients`.
+  Each rank scales its loss by ``N · B_r / B`` (:func:`loss_weight`), so the mean over ranks is the mean over
+  the global batch's rows even when the last batch of an epoch does not split evenly (nothing is
+  dropped). This holds for losses that are means over rows; a loss over pairs of rows within the batch
+  (RKD, SP, CRD's in-batch terms) sees only its rank's rows, as in every DDP implementation.
+- **state a method keeps across batches** is reduced where the paper's code does: DINO's center
+  (the sum of teacher outputs over ranks / the global row count), SEED's queue (the all-gathered
+  batch, in rank order). A method that keeps such state without reducing it refuses to run on several
+  processes (``Method.distributed_safe = False``), rather than train something else silently.
+- **one writer.** Rank 0 writes metrics, checkpoints, the report; the other ranks wait at barriers. A
+  checkpoint holds every rank's torch RNG state, so a resume with the same N replays the same steps.
+
+BatchNorm normalises with its rank's rows (DDP keeps rank 0's running statistics on every rank), so a
+student with BatchNorm matches the one-process run only statistically; the equality tests use networks
+without it. gloo on CPUs, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from alambic.errors import AlambicError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> World:
+    """The torchrun world (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); one process without them."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise AlambicError(f"torchrun's environment is malformed ({exc})") from None
+    return World(rank, size, local)
+
+
+def init(device: torch.device | None = None) -> World:
+    """Join torchrun's process group (gloo for CPUs, NCCL for CUDA) once; a no-op for one process."""
+    world = from_env()
+    if world.size <= 1 or dist.is_initialized():
+        return current()
+    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size,
+                            timeout=datetime.timedelta(minutes=10))
+    return current()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun (one GPU per process); other devices as given."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", from_env().local_rank if from_env().size > 1 else torch.cuda.current_device())
+    return device
+
+
+def current() -> World:
+    if not active():
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), from_env().local_rank)
+
+
+def active() -> bool:
+    """True inside a process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def shard(n: int, world: World) -> slice:
+    """Rows of a global batch of ``n`` that rank ``world.rank`` takes: contiguous, sizes differing by at most
+    one (the first ``n % N`` ranks take one more), in rank order."""
+    base, extra = divmod(n, world.size)
+    start = world.rank * base + min(world.rank, extra)
+    return slice(start, start + base + (1 if world.rank < extra else 0))
+
+
+def loss_weight(local: int, total: int, world: World) -> float:
+    """``N · B_r / B``: DDP's mean over ranks of the weighted local means is the mean over the global batch."""
+    return world.size * local / total
+
+
+def all_sum(t: Tensor) -> Tensor:
+    """The sum of ``t`` over ranks (a new tensor; ``t`` itself when alone)."""
+    if not active():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def gather_rows(t: Tensor) -> Tensor:
+    """The rows of ``t`` [B_r, ...] of every rank, concatenated in rank order (ranks may hold different B_r)."""
+    if not active():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    most = int(max(int(s) for s in sizes))
+    padded = t.new_zeros((most, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
+
+
+def average_gradients(params: Iterable[nn.Parameter]) -> None:
+    """Mean of the gradients of ``params`` over ranks, in one flat all-reduce (for parameters outside DDP's
+    module: a method's projectors). A parameter without a gradient on this rank counts as zero."""
+    params = [p for p in params if p.requires_grad]
+    if not active() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (a method's heads built after seeding, in setup)."""
+    if not active():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, 0)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_buffers(*modules: nn.Module) -> None:
+    """Rank 0's BatchNorm running statistics on every rank, in one flat broadcast, as DDP's
+    ``broadcast_buffers`` does before each forward (other buffers, a method's reduced state, are left alone)."""
+    bufs = [b for m in modules for bn in m.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            for b in bn.buffers() if b.dtype.is_floating_point]
+    if not active() or not bufs:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in bufs])
+    dist.broadcast(flat, 0)
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
