@@ -264,7 +264,8 @@ def test_the_cache_logits_command_writes_what_a_topk_run_reads_and_refuses_a_sta
                                     "test_fraction": 0.1},
               "teacher": {"hf": str(lm), "cache": "topk", "topk": {"k": 4, "dir": str(tmp_path / "c")}},
               "student": {"arch": "prune", "keep": [0]}, "method": {"name": "token_kd"},
-              "train": {"epochs": 1, "batch_size": 8, "log_every": 100}, "eval": {"num_prompts": 1, "max_new_tokens": 2}}
+              "train": {"epochs": 1, "batch_size": 8, "log_every": 100},
+              "eval": {"num_prompts": 1, "max_new_tokens": 2}}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["cache-logits", str(path), "--shard-samples", "8", "--quiet"]) == 0
