@@ -203,18 +203,27 @@ def _validation_line(records: list[dict[str, Any]], summary: dict[str, Any]) -> 
 # ---------------------------------------------------------------- rendering
 
 
+def _kind(path: Path) -> str | None:
+    """The ``kind`` of a summary (None when it has none or cannot be read: load_summary says why)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("kind") if isinstance(summary, dict) else None
+
+
 def render_report(run_dir: str | os.PathLike) -> Path:
     """Write ``run_dir/report.md`` and ``run_dir/plots/*.png`` from the run directory's files; returns the
     path of ``report.md``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AlambicError(f"report: {run_dir} is not a directory — is this a finished run directory?")
-    summary = load_summary(run_dir / SUMMARY)
-    records = load_metrics(run_dir / METRICS)
-    if summary.get("kind") == "language":  # a language-model run: perplexity, agreement, generations
+    if _kind(run_dir / SUMMARY) == "language":  # a language-model run: perplexity, agreement, generations
         from alambic.report.language import render_language_report
 
         return render_language_report(run_dir)
+    summary = load_summary(run_dir / SUMMARY)
+    records = load_metrics(run_dir / METRICS)
     if summary.get("kind") == "representation":  # a self-supervised run: probes, not predictions
         from alambic.report.representation import render_representation_report
 
