@@ -179,3 +179,7 @@ def load_fortunes(categories: Sequence[str] | None = None, *, prompt: str = "",
         head = prompt.replace("{category}", name)
         out.extend(TextExample(head, entry) for entry in read_fortune_file(Path(directory) / name))
     return out
+
+
+CORPORA = {"kjv": load_kjv, "fortunes": load_fortunes}
+"""The offline corpora by name: ``CORPORA[name](**options)`` gives its examples."""

