@@ -183,6 +183,8 @@ def _generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="rewrite: the teacher restates each original response (Self-Data Distillation)")
     gen.add_argument("--template", default=None, help="rewrite prompt with {prompt} and {response}, or @FILE")
     gen.add_argument("--chat-template", action="store_true", help="send prompts as a user turn of the chat template")
+    gen.add_argument("--prompt-words", type=int, default=None,
+                     help="with --format plain: each line's first N words are the prompt (a corpus as prompts)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -198,6 +200,7 @@ def _generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="drop a rejected generation instead of keeping the original response")
     gen.add_argument("--limit", type=int, default=None, help="the first N prompts only")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    gen.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own count)")
     gen.add_argument("--overwrite", action="store_true", help="start over instead of continuing OUT")
     gen.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -211,9 +214,10 @@ def _generate(args) -> int:
             template = Path(template[1:]).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise GenerateError(f"--template {args.template}: cannot read it ({exc})") from None
-    keys = ("teacher", "gguf_file", "dtype", "prompts", "format", "mode", "chat_template", "max_new_tokens",
+    keys = ("teacher", "gguf_file", "dtype", "prompts", "format", "mode", "chat_template", "prompt_words",
+            "max_new_tokens",
             "temperature", "top_p", "seed", "batch_size", "max_prompt_tokens", "min_tokens", "max_tokens",
-            "keep_unfinished", "dedupe", "check", "fallback", "limit", "device")
+            "keep_unfinished", "dedupe", "check", "fallback", "limit", "device", "threads")
     cfg = {k: getattr(args, k) for k in keys}
     cfg["template"] = template
     say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

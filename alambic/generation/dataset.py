@@ -7,13 +7,13 @@ has the unpruned model *restate* each original response (rewrite mode) and keeps
 rewrite's answer does not match it (answer check with fallback). Both are this one function,
 :func:`generate_dataset`:
 
-1. the prompts of a source (prompt/completion JSONL, chat JSONL or plain prompts, one per line), each with
-   its row number as stable id; in rewrite mode the teacher's input is a template holding the prompt and
-   the original response;
+1. the prompts of a source (prompt/completion JSONL, chat JSONL or plain prompts, one per line, or with
+   ``prompt_words`` the first words of each line of a corpus), each with its row number as stable id; in
+   rewrite mode the teacher's input is a template holding the prompt and the original response;
 2. completions drawn by :func:`~alambic.generation.sampling.sample` (a pure function of (seed, 0, id));
 3. filters: the completion must end with EOS (unless ``keep_unfinished``), have ``min_tokens`` to
    ``max_tokens`` tokens, and pass the answer check (``pkg.mod:fn`` called as ``fn(completion, row)``, or the
-   built-ins ``exact:FIELD`` and ``contains:FIELD``). A rejected generation falls back to the source's
+   built-ins ``exact:FIELD`` and ``contains:FIELD``; a plain line's row is ``{"prompt", "line"}``). A rejected generation falls back to the source's
    original response when ``fallback`` is on and the row has one (the length filter applies to it too);
    exact duplicate (prompt, completion) pairs are dropped;
 4. a JSONL file of ``{"prompt", "completion", "id", "source": "teacher"|"original", ...}`` rows (chat
@@ -64,7 +64,8 @@ class GenerateError(AlambicError):
 
 
 class GenerateConfig(BaseModel):
-    """What ``alambic generate`` does; everything but ``batch_size``, ``limit`` and ``device`` is provenance."""
+    """What ``alambic generate`` does; everything but ``batch_size``, ``limit``, ``device`` and ``threads`` is
+    provenance (they decide how fast, not what)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -78,6 +79,7 @@ class GenerateConfig(BaseModel):
     mode: Literal["generate", "rewrite"] = "generate"
     template: str | None = None  # rewrite mode: must hold {response}; {prompt} optional
     chat_template: bool = False  # send prompt_completion/plain prompts as a user message of the chat template
+    prompt_words: int | None = Field(None, ge=1)  # plain: a line's first N words are the prompt (a corpus as prompts)
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -92,6 +94,7 @@ class GenerateConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     limit: int | None = Field(None, ge=1)  # the first N prompts only
     device: str | None = None  # default: cuda when available
+    threads: int | None = Field(None, ge=1)  # torch CPU threads (None: torch's own count)
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,13 @@ def read_source(cfg: GenerateConfig, tokenizer: Any) -> list[SourceRow]:
 
     path = Path(cfg.prompts)
     rows: list[SourceRow] = []
+    if cfg.prompt_words is not None and cfg.format != "plain":
+        raise GenerateError("--prompt-words takes the first words of plain-text lines: use it with --format plain")
     if cfg.format == "plain":
         for line in _read_text(path).splitlines():
             if line.strip():
-                rows.append(_row(cfg, tokenizer, len(rows), line.strip(), None, {"prompt": line.strip()}))
+                text = " ".join(line.split()[: cfg.prompt_words]) if cfg.prompt_words else line.strip()
+                rows.append(_row(cfg, tokenizer, len(rows), text, None, {"prompt": text, "line": line.strip()}))
     else:
         for line_no, obj in _jsonl_rows(path):
             if cfg.format == "chat":
@@ -247,6 +253,7 @@ def _provenance(cfg: GenerateConfig, teacher_fp: str, tokenizer_fp: str, n_rows:
         "mode": c["mode"],
         "template": (cfg.template or DEFAULT_REWRITE_TEMPLATE) if cfg.mode == "rewrite" else None,
         "chat_template": c["chat_template"],
+        "prompt_words": c["prompt_words"],
         "sampling": {"max_new_tokens": c["max_new_tokens"], "temperature": c["temperature"], "top_p": c["top_p"],
                      "seed": c["seed"], "max_prompt_tokens": c["max_prompt_tokens"]},
         "filters": {"min_tokens": c["min_tokens"], "max_tokens": c["max_tokens"],
@@ -339,6 +346,10 @@ def generate_dataset(cfg: GenerateConfig | dict[str, Any], out: str | Path, *, o
         say(f"generate: loading the teacher {source}{'/' + cfg.gguf_file if cfg.gguf_file else ''}")
         with _quiet_loading(say is _silent):
             model = load_causal_lm(source, cfg.gguf_file, cfg.dtype)
+    if cfg.threads is not None:
+        from alambic.run import cpu_threads
+
+        torch.set_num_threads(cpu_threads(cfg.threads))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
     provenance = _provenance(cfg, state_fingerprint(model), tokenizer_fingerprint(tokenizer), len(rows))
@@ -363,6 +374,7 @@ def generate_dataset(cfg: GenerateConfig | dict[str, Any], out: str | Path, *, o
     eos = _eos_ids(tokenizer)
     pad = next((int(p) for p in (tokenizer.pad_token_id, tokenizer.eos_token_id) if p is not None), 0)
     vocab = len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []))
     last_say, started = 0.0, time.perf_counter()
     counts = _counts(entries)
     with open(log_file, "a", encoding="utf-8") as log:
@@ -375,9 +387,10 @@ def generate_dataset(cfg: GenerateConfig | dict[str, Any], out: str | Path, *, o
             lines = []
             for b, r in enumerate(batch):
                 ids = comp.row(b)
-                text = tokenizer.decode(ids, skip_special_tokens=True)
+                text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 entry = _decide(cfg, r, text, len(ids), bool(comp.finished[b]), check, tokenizer, seen)
-                entry.update(tokens=int(comp.lengths[b]), seconds=seconds / len(batch))
+                entry.update(tokens=int(comp.lengths[b]), seconds=seconds / len(batch),
+                             roundtrip=_roundtrip(tokenizer, text, ids, special))
                 lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
                 counts[entry["status"]] = counts.get(entry["status"], 0) + 1
                 counts["tokens"] += entry["tokens"]
@@ -403,11 +416,17 @@ def generate_dataset(cfg: GenerateConfig | dict[str, Any], out: str | Path, *, o
     manifest.update(complete=True, device=str(device), counts={
         "prompts": len(entries), "kept": len(kept), "teacher": counts.get("teacher", 0),
         "original": counts.get("original", 0), "dropped": counts.get("dropped", 0),
-        "dropped_by": _reason_counts(entries, "dropped"), "fallback_by": _reason_counts(entries, "original")},
+        "dropped_by": _reason_counts(entries, "dropped"), "fallback_by": _reason_counts(entries, "original"),
+        # generations whose text does not tokenise back to the sampled ids (a BPE merge across what the
+        # teacher emitted as two tokens, a special token dropped): the dataset holds text, the student learns it
+        "roundtrip_mismatch": sum(1 for e in entries if e.get("roundtrip") is False)},
         generation={"tokens": counts["tokens"], "seconds": round(counts["seconds"], 3),
                     "tokens_per_s": round(counts["tokens"] / max(counts["seconds"], 1e-9), 1),
                     "wall_s_this_attempt": round(time.perf_counter() - started, 3)})
     _write_json(manifest_file, manifest)
+    if mismatch := manifest["counts"]["roundtrip_mismatch"]:
+        say(f"generate: note: {mismatch} of {len(entries)} generations do not tokenise back to the sampled ids "
+            "(the tokenizer's decode is not its encode's inverse); the dataset holds the decoded text")
     say(f"generate: wrote {out} ({len(kept)} rows: {manifest['counts']['teacher']} teacher, "
         f"{manifest['counts']['original']} original; {manifest['counts']['dropped']} dropped) and {manifest_file}")
     return manifest
@@ -437,6 +456,17 @@ class _quiet_loading:
             tf_logging.enable_progress_bar()
 
 
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    from alambic.data.text import _encode as encode
+
+    return encode(tokenizer, text)
+
+
+def _roundtrip(tokenizer: Any, text: str, ids: list[int], special: set[int]) -> bool:
+    """Whether ``text`` tokenises back to the sampled ``ids`` (special tokens aside: decoding skips them)."""
+    return _encode(tokenizer, text) == [i for i in ids if i not in special]
+
+
 def _sample(model, prompt_ids, cfg: GenerateConfig, ids: Sequence[int], eos, pad: int, vocab: int):
     from alambic.generation.sampling import sample
 
@@ -459,8 +489,6 @@ def _eos_ids(tokenizer: Any) -> list[int]:
 def _prompt_ids(tokenizer: Any, text: str, max_prompt_tokens: int) -> list[int]:
     """BOS + the prompt without special tokens, as :func:`~alambic.data.text.tokenize_example` builds a
     training prompt; a long prompt loses tokens from its start."""
-    from alambic.data.text import _encode
-
     ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _encode(tokenizer, text)
     if not ids:
         raise GenerateError("an empty prompt and a tokenizer without BOS: nothing to condition on")
@@ -487,8 +515,6 @@ def _decide(cfg: GenerateConfig, r: SourceRow, text: str, n_tokens: int, finishe
     if reason is not None:
         entry.update(status="dropped", reason=reason)
         if cfg.fallback and r.original is not None:
-            from alambic.data.text import _encode
-
             n_original = len(_encode(tokenizer, r.original))
             if _length_reason(cfg, n_original) is None:
                 entry.update(status="original", completion=r.original)

@@ -265,3 +265,12 @@ def test_plain_prompts_and_a_bad_config_value(teacher_dir, tmp_path):
     assert m["provenance"]["source"]["rows"] == 2
     with pytest.raises(GenerateError, match="top_p"):
         generate_dataset(base(teacher_dir, src, format="plain", top_p=0), tmp_path / "q.jsonl", say=None)
+
+
+def test_generations_that_do_not_tokenise_back_are_counted(teacher_dir, prompts, tmp_path, monkeypatch):
+    m = generate_dataset(base(teacher_dir, prompts, limit=3), tmp_path / "a.jsonl", say=None)
+    assert m["counts"]["roundtrip_mismatch"] == 0  # a word-level tokenizer decodes to words it encodes back
+    monkeypatch.setattr(gd, "_roundtrip", lambda *a: False)  # as if the text tokenised differently
+    said = []
+    m = generate_dataset(base(teacher_dir, prompts, limit=3), tmp_path / "b.jsonl", say=said.append)
+    assert m["counts"]["roundtrip_mismatch"] == 3 and any("do not tokenise back" in s for s in said)
