@@ -49,9 +49,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def check_precision(device: torch.device, precision: str) -> None:
-    """A one-line error for a precision the device cannot autocast to (fp16 on a CPU is slow and partial)."""
-    if precision == "fp16" and device.type == "cpu":
-        raise AlambicError("train.precision: fp16 needs a GPU (CPU autocast is bf16 only): use bf16 or fp32 on a CPU")
+    """A one-line error for a precision the device cannot autocast to."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise AlambicError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}: "
                            "use fp16 or fp32")

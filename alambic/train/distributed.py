@@ -8,9 +8,13 @@ Parallel Training", 2020, arXiv:2006.15704):
   takes rows ``[r·B/N, (r+1)·B/N)``, sizes differing by at most one), so the N slices, in rank order, are the
   one-process batch, augmentations included (a batch's views are drawn from its own seeded generator
   before it is sliced).
-- **the gradient.** DDP all-reduces the student's gradients as a mean over ranks; the method's own
-  trainable parameters (projectors, regressors) are averaged the same way by :func:`average_gradients`.
-  Each rank scales its loss by ``N · B_r / B`` (:func:`loss_weight`), so the mean over ranks is the mean over
+- **the gradient.** After the local backward, :func:`average_gradients` averages the gradients of every
+  trained parameter, the student's and the method's own (projectors, regressors), in one flat all-reduce.
+  Not DDP's module wrapper: methods call the student once per view before one backward, leave parameters
+  unused (SEED never reads the classifier) or change which ones they train between phases (FitNets'
+  hint stage), and own parameters outside the student, all of which DDP's reducer refuses or misses; the
+  flat all-reduce gives up DDP's overlap of communication with the backward (what large GPU models gain
+  from; see benchmarks/ddp_overhead.py for the cost on small ones). Each rank scales its loss by ``N · B_r / B`` (:func:`loss_weight`), so the mean over ranks is the mean over
   the global batch's rows even when the last batch of an epoch does not split evenly (nothing is
   dropped). This holds for losses that are means over rows; a loss over pairs of rows within the batch
   (RKD, SP, CRD's in-batch terms) sees only its rank's rows, as in every DDP implementation.
@@ -21,7 +25,8 @@ Parallel Training", 2020, arXiv:2006.15704):
 - **one writer.** Rank 0 writes metrics, checkpoints, the report; the other ranks wait at barriers. A
   checkpoint holds every rank's torch RNG state, so a resume with the same N replays the same steps.
 
-BatchNorm normalises with its rank's rows (DDP keeps rank 0's running statistics on every rank), so a
+BatchNorm normalises with its rank's rows (rank 0's running statistics are broadcast before each step, as
+DDP's ``broadcast_buffers`` does), so a
 student with BatchNorm matches the one-process run only statistically; the equality tests use networks
 without it. gloo on CPUs, NCCL on CUDA.
 """
