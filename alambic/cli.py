@@ -258,7 +258,8 @@ def _run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     summary = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
-    print_summary(summary, args.out)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary; rank 0 prints it
+        print_summary(summary, args.out)
     return 0
 
 
