@@ -488,8 +488,13 @@ def _eos_ids(tokenizer: Any) -> list[int]:
 
 def _prompt_ids(tokenizer: Any, text: str, max_prompt_tokens: int) -> list[int]:
     """BOS + the prompt without special tokens, as :func:`~alambic.data.text.tokenize_example` builds a
-    training prompt; a long prompt loses tokens from its start."""
-    ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _encode(tokenizer, text)
+    training prompt, except that a prompt whose text already opens with BOS (a chat template whose turns start
+    with the BOS token, as SmolLM2's ``<|im_start|>``) does not get a second one; a long prompt loses tokens
+    from its start."""
+    ids = _encode(tokenizer, text)
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
     if not ids:
         raise GenerateError("an empty prompt and a tokenizer without BOS: nothing to condition on")
     return ids[-max_prompt_tokens:]

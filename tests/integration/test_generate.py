@@ -274,3 +274,11 @@ def test_generations_that_do_not_tokenise_back_are_counted(teacher_dir, prompts,
     said = []
     m = generate_dataset(base(teacher_dir, prompts, limit=3), tmp_path / "b.jsonl", say=said.append)
     assert m["counts"]["roundtrip_mismatch"] == 3 and any("do not tokenise back" in s for s in said)
+
+
+def test_a_prompt_that_opens_with_bos_gets_no_second_one():
+    tok = make_tokenizer()
+    bos = tok.bos_token_id
+    assert gd._prompt_ids(tok, "a b", 100) == [bos, *tok("a b", add_special_tokens=False)["input_ids"]]
+    assert gd._prompt_ids(tok, "<s> a b", 100) == [bos, *tok("a b", add_special_tokens=False)["input_ids"]]
+    assert gd._prompt_ids(tok, "a b c d", 2) == tok("c d", add_special_tokens=False)["input_ids"]  # cut at the start
