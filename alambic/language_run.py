@@ -58,6 +58,7 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
     teacher = CausalLMTeacher(teacher_lm, tokenizer, spec.hf)
     method: Method = METHODS.get(recipe.method.name).obj(recipe.method.options)
     method.shared_vocab = vocab
+    method.run_seed = recipe.seed  # a method that draws (gkd) keys its draws with the run's seed
     method.use_views([TOKENS])
     net = CausalLMLogits(student_lm)
 

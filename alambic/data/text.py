@@ -184,14 +184,18 @@ def tokenize_example(tokenizer: Any, example: TextExample, max_length: int, add_
     """Token ids of ``example`` (prompt then completion, each tokenised on its own) and the completion start.
 
     BOS (when the tokenizer has one and ``add_bos``) opens the sequence, so with an empty prompt the first
-    completion token is predicted too; EOS (``add_eos``) closes the completion, so the student learns to stop.
+    completion token is predicted too; a prompt whose text already starts with it (a chat template that
+    writes BOS, as SmolLM2's writes ``<|im_start|>``) does not get a second one, so the student trains on the
+    context a teacher generates from; EOS (``add_eos``) closes the completion, so the student learns to stop.
     Past ``max_length`` the prompt loses tokens from its start (the context nearest the answer is kept) while
     at least one completion token still fits, then the completion is cut at its end.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    prefix = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-    prompt = prefix + _encode(tokenizer, example.prompt)
+    prompt = _encode(tokenizer, example.prompt)
+    bos = tokenizer.bos_token_id
+    if add_bos and bos is not None and prompt[:1] != [bos]:  # a chat template may have written BOS already
+        prompt = [bos, *prompt]
     completion = _encode(tokenizer, example.completion)
     if add_eos and tokenizer.eos_token_id is not None:
         completion.append(tokenizer.eos_token_id)

@@ -56,7 +56,8 @@ class GKDConfig(TokenKDConfig):
     max_new_tokens: int = Field(64, ge=1, description="longest sampled completion")
     min_prompt_tokens: int = Field(0, ge=0, description="extend a shorter prompt with the row's first tokens "
                                    "(plain text: the prompt is only BOS)")
-    seed: int = Field(0, ge=0, description="keys the on-policy coin and the draws with (seed, step, sample id)")
+    seed: int | None = Field(None, ge=0, description="keys the on-policy coin and the draws with (seed, step, sample "
+                             "id); None: the recipe's seed, so runs of different seeds draw different samples")
 
 
 def on_policy_step(seed: int, step: int, lmbda: float) -> bool:
@@ -90,6 +91,11 @@ class GKD(Method):
         self._student: tuple = ()  # (the student LM,): a tuple, so the method does not register it as its own
         self.eos_id: int | None = None
         self.pad_id: int = 0
+        self.run_seed = 0  # the recipe's seed, set by the language run; config.seed overrides it
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed if self.config.seed is not None else self.run_seed
 
     def setup(self, student, teacher, info: SetupInfo) -> None:
         lm = getattr(info.student, "lm", info.student)
@@ -107,7 +113,7 @@ class GKD(Method):
     def prepare(self, batch: Batch, ctx: StepContext) -> Batch:
         """The dataset batch, or (on an on-policy step) the same prompts with the student's sampled completions."""
         cfg = self.config
-        if not on_policy_step(cfg.seed, ctx.step, cfg.lmbda):
+        if not on_policy_step(self.seed, ctx.step, cfg.lmbda):
             return batch
         if not self._student:
             raise AlambicError("gkd: prepare() before setup(): the method does not know the student yet")
@@ -119,7 +125,7 @@ class GKD(Method):
         ids, prompts = batch.views[TOKENS], prompt_rows(batch, cfg.min_prompt_tokens)
         lm = self._student[0]
         comp = sample(lm, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.sampling_temperature,
-                      top_p=cfg.top_p, seed=cfg.seed, step=step, sample_ids=batch.index.tolist(),
+                      top_p=cfg.top_p, seed=self.seed, step=step, sample_ids=batch.index.tolist(),
                       eos_id=self.eos_id, pad_id=self.pad_id, vocab_size=self.shared_vocab)
         rows = [TokenizedExample(tuple(p + comp.row(b, with_eos=True)), len(p)) for b, p in enumerate(prompts)]
         out = collate(rows, batch.index.tolist(), self.pad_id)
@@ -141,7 +147,7 @@ class GKD(Method):
         if cfg.nll_weight > 0:
             nll = cfg.nll_weight * token_nll(s, batch.target)
             loss, terms["nll"] = loss + nll, nll.detach()
-        on = float(on_policy_step(cfg.seed, ctx.step, cfg.lmbda))
+        on = float(on_policy_step(self.seed, ctx.step, cfg.lmbda))
         return MethodOutput(loss, terms, s_full, monitors={"on_policy": torch.tensor(on)})
 
 

@@ -319,7 +319,7 @@ def tiny_tokenizer() -> Any:
     words = ["<pad>", "<s>", "</s>", "<unk>", ".", *_TINY_WORDS, "by"]
     t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    t.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces, "road ." stays two words
     return tf.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                       unk_token="<unk>")
 

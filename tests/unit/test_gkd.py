@@ -212,3 +212,14 @@ def test_a_killed_gkd_run_resumes_bit_identically(tmp_path):
     whole, killed = train(tmp_path / "whole"), train(tmp_path / "killed")
     assert [r["loss"] for r in whole] == [r["loss"] for r in killed]
     assert [r["monitors"]["on_policy"] for r in whole] == [float(on_policy_step(0, s, 0.6)) for s in range(6)]
+
+
+def test_the_draws_follow_the_recipe_seed_unless_the_method_names_one():
+    from alambic.methods.gkd import GKD, GKDConfig
+
+    m = GKD(GKDConfig())
+    m.run_seed = 3  # what the language run sets from recipe.seed
+    assert m.seed == 3
+    pinned = GKD(GKDConfig(seed=5))
+    pinned.run_seed = 3
+    assert pinned.seed == 5

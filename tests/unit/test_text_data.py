@@ -137,3 +137,9 @@ def test_the_loader_order_is_a_pure_function_of_seed_and_epoch_and_resumes_mid_e
     assert [b.index.tolist() for b in loader.epoch(2, start=2)] == full[2:]
     assert sorted(sum(full, [])) == list(range(100, 110))
     assert full != [b.index.tolist() for b in loader.epoch(3)]
+
+
+def test_a_prompt_that_starts_with_bos_gets_no_second_one(tok):
+    bos = WORDS.index("<s>")
+    ex = tokenize_example(tok, TextExample("<s> let there be", "light"), max_length=32)
+    assert ex.ids[:2] == (bos, WORDS.index("let")) and ex.ids.count(bos) == 1
