@@ -262,6 +262,22 @@ def build_student_lm(spec: Any, teacher: nn.Module, tokenizer: Any, seed: int) -
     model = model.to(torch.float32).train()
     for p in model.parameters():
         p.requires_grad_(True)
+    return drop_gguf_marker(model)
+
+
+def drop_gguf_marker(model: nn.Module) -> nn.Module:
+    """``model`` without the "quantized with gguf" marker that a model loaded from (or pruned from) a GGUF file
+    carries: transformers dequantises GGUF weights on load, so the model is plain float, but the marker makes
+    ``save_pretrained`` refuse it ("not serializable"). Other quantizers are left alone."""
+    q = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    if q is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        for obj in (model, model.config):
+            if "quantization_config" in getattr(obj, "__dict__", {}):
+                delattr(obj, "quantization_config")
+        if "is_quantized" in model.__dict__:
+            model.is_quantized = False
     return model
 
 

