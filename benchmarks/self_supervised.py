@@ -158,7 +158,6 @@ class ProbeCache:
 
     def prefill_student(self, rdir: Path, summary: dict[str, Any]) -> None:
         """The run already probed its final student (``summary.json: probe``): store it under that network's key."""
-        from alambic.data.splits import build_data
         from alambic.recipe.load import load_recipe
         from alambic.run import load_student
 

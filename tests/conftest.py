@@ -10,6 +10,7 @@ import torch
 import alambic  # noqa: F401  (registers datasets, models, methods)
 from alambic.data import build_data
 from alambic.recipe import load_recipe
+from alambic.train import Callback
 
 torch.set_num_threads(1)
 os.environ.setdefault("COLUMNS", "120")
@@ -28,6 +29,18 @@ def tiny_recipe(**sections) -> dict:
     }
     base.update(sections)
     return base
+
+
+class KillAt(Callback):
+    """A kill (KeyboardInterrupt) right after optimizer step ``step``, before anything else is written: what the
+    resume tests interrupt a run with."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.step:
+            raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,7 @@ from alambic.cli import main
 from alambic.errors import RunDirError, WriteError
 from alambic.recipe import load_recipe
 from alambic.run import is_finished, run
-from alambic.train.loop import Callback
-from tests.conftest import tiny_recipe
+from tests.conftest import KillAt, tiny_recipe
 
 run_module = importlib.import_module("alambic.run")  # the module: `alambic.run` is also the function
 
@@ -34,17 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "tiny"
 PROMISED = ("recipe.yaml", "metrics.jsonl", "summary.json", "report.md", "student.safetensors", "student.json",
             "predictions.safetensors", "plots/learning_curves.png", "plots/reliability.png")
-
-
-class KillAt(Callback):
-    """A Ctrl-C right after optimizer step ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            raise KeyboardInterrupt
 
 
 def kd_recipe(teacher_run, *overrides):

@@ -17,17 +17,8 @@ import torch
 import alambic  # noqa: F401  (registers datasets, models, methods)
 from alambic.recipe import load_recipe
 from alambic.run import run
-from alambic.train import Callback
+from tests.conftest import KillAt
 from alambic.train import distributed as dist
-
-
-class KillAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            raise KeyboardInterrupt
 
 
 def main(path: str) -> None:

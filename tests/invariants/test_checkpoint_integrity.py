@@ -21,16 +21,7 @@ from alambic.recipe import load_recipe
 from alambic.run import run
 from alambic.train import Callback
 from alambic.train import state as st
-from tests.conftest import tiny_recipe
-
-
-class KillAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            raise KeyboardInterrupt
+from tests.conftest import KillAt, tiny_recipe
 
 
 class PoisonAt(Callback):

@@ -22,9 +22,8 @@ from safetensors.torch import load_file
 from alambic.losses import dino_loss, kd_loss
 from alambic.recipe import load_recipe
 from alambic.run import run
-from alambic.train import Callback
 from alambic.train import state as st
-from tests.conftest import tiny_recipe
+from tests.conftest import KillAt, tiny_recipe
 
 TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny"
 
@@ -74,15 +73,6 @@ def test_tiny_recipes_train_in_bf16_like_fp32(tmp_path, teacher_run, name):
     assert abs(a["test"]["accuracy"] - b["test"]["accuracy"]) <= 0.05
     wa, wb = load_file(str(tmp_path / "fp32" / "student.safetensors")), load_file(str(tmp_path / "bf16" / "student.safetensors"))
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # bf16 did run: the weights differ a little
-
-
-class KillAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_fp16_checkpoints_its_grad_scaler_and_resumes_bit_identically(tmp_path):

@@ -18,18 +18,7 @@ from alambic.recipe.schema import TrainSpec
 from alambic.run import run
 from alambic.train import Callback, Trainer
 from alambic.train import state as st
-from tests.conftest import tiny_recipe
-
-
-class KillAt(Callback):
-    """Simulates a kill right after optimizer step ``step`` (before anything else is written)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            raise KeyboardInterrupt
+from tests.conftest import KillAt, tiny_recipe
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:

@@ -16,18 +16,8 @@ from alambic.errors import AlambicError
 from alambic.recipe import load_recipe
 from alambic.run import run
 from alambic.teachers.base import ModelOutput
-from alambic.train import Callback
 from alambic.train.devices import float_outputs, move_outputs, resolve_device
-from tests.conftest import tiny_recipe
-
-
-class KillAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            raise KeyboardInterrupt
+from tests.conftest import KillAt, tiny_recipe
 
 
 def _weights(d):

@@ -28,7 +28,7 @@ from alambic.methods.spatial_affinity import SpatialAffinity, SpatialAffinityCon
 from alambic.methods.token_relation import TokenRelation, TokenRelationConfig
 from alambic.registry import METHODS
 from alambic.teachers.base import ModelOutput
-from tests.reference import np_ce, np_kd, np_softmax
+from tests.reference import np_ce, np_kd
 
 CTX = StepContext(step=0, epoch=0, total_steps=10, steps_per_epoch=5)
 RNG = np.random.default_rng(0)

@@ -6,7 +6,6 @@ functions under test.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pydantic

@@ -5,7 +5,6 @@ Expected values are computed with numpy / math here, never by calling the functi
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pydantic

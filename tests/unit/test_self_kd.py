@@ -6,7 +6,6 @@ Expected values are computed with numpy / math here, never by calling the loss u
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -3,7 +3,6 @@ is shared and refuses a mismatched manifest, and a cached KD run equals the live
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
