@@ -45,6 +45,7 @@ probability and the other side ``-inf`` gives ``+inf``, as the divergence does.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from functools import partial
 
 import torch
@@ -261,10 +262,18 @@ def _token_divergence(row_fn: RowFn, what: str, student_logits: Tensor, teacher_
     denom = torch.as_tensor(denom, device=student.device).to(dtype).clamp_min(1)
     weight = (temperature**2 if scale_t2 else 1.0) / denom
 
-    rows = partial(_logit_rows, row_fn, temperature)
+    return token_sum(partial(_logit_rows, row_fn, temperature), student, teacher, index, weight, chunk_size)
+
+
+def token_sum(rows: Callable[[Tensor, Any], Tensor], student: Tensor, teacher: Tensor | tuple[Tensor, ...],
+              index: Tensor | None, weight: float, chunk_size: int | None) -> Tensor:
+    """``weight`` × Σ ``rows(student, teacher)`` over the rows ``index`` (all when None): plain autograd when
+    ``chunk_size`` is None, else chunk by chunk through :class:`_ChunkedTokenSum` (a teacher given as a tuple
+    of tensors, as the sparse top-k losses give it, is selected and chunked tensor by tensor)."""
     if chunk_size is None:
-        s = student if index is None else student.index_select(0, index)
-        t = teacher if index is None else teacher.index_select(0, index)
+        pick = lambda x: x if index is None else x.index_select(0, index)  # noqa: E731
+        s = pick(student)
+        t = tuple(pick(x) for x in teacher) if isinstance(teacher, tuple) else pick(teacher)
         total = rows(s, t).sum() * weight
         if student.requires_grad and not total.requires_grad:  # skew α = 1 ignores the student: keep a path
             total = total + 0.0 * s.sum()

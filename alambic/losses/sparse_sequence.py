@@ -51,8 +51,6 @@ from torch import Tensor
 from alambic.errors import ShapeMismatchError
 from alambic.losses.sequence import (
     RowFn,
-    _ChunkedTokenSum,
-    _chunk_sum,
     _compute_dtype,
     _forward_kl_rows,
     _jsd_rows,
@@ -60,6 +58,7 @@ from alambic.losses.sequence import (
     _skew_kl_rows,
     _skew_reverse_kl_rows,
     _tv_rows,
+    token_sum,
 )
 
 __all__ = [
@@ -183,17 +182,7 @@ def _sparse_divergence(row_fn: RowFn, what: str, student_logits: Tensor, topk_id
     denom = torch.as_tensor(denom, device=student.device).to(dtype).clamp_min(1)
     weight = (temperature**2 if scale_t2 else 1.0) / denom
 
-    rows = partial(_sparse_rows, row_fn, tail, temperature)
-    if chunk_size is None:
-        s = student if index is None else student.index_select(0, index)
-        t = teacher if index is None else tuple(x.index_select(0, index) for x in teacher)
-        total = rows(s, t).sum() * weight
-        if student.requires_grad and not total.requires_grad:  # skew α = 1 ignores the student: keep a path
-            total = total + 0.0 * s.sum()
-        return total
-    if student.requires_grad and torch.is_grad_enabled():
-        return _ChunkedTokenSum.apply(student, teacher, index, weight, rows, chunk_size)
-    return _chunk_sum(rows, student, teacher, index, weight, chunk_size, None)
+    return token_sum(partial(_sparse_rows, row_fn, tail, temperature), student, teacher, index, weight, chunk_size)
 
 
 _SHARED_ARGS = """
