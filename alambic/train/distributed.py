@@ -140,20 +140,32 @@ def gather_rows(t: Tensor) -> Tensor:
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
 
 
-def average_gradients(params: Iterable[nn.Parameter]) -> None:
+def average_gradients(params: Iterable[nn.Parameter], extra: torch.Tensor | None = None) -> torch.Tensor | None:
     """Mean of the gradients of ``params`` over ranks, in one flat all-reduce (for parameters outside DDP's
-    module: a method's projectors). A parameter without a gradient on this rank counts as zero."""
+    module: a method's projectors). A parameter without a gradient on this rank counts as zero.
+
+    ``extra`` (a float vector, e.g. the step's weighted loss and terms) rides in the same all-reduce and comes
+    back summed over ranks: one collective per step instead of two."""
     params = [p for p in params if p.requires_grad]
-    if not active() or not params:
-        return
+    if not active():
+        return extra
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    parts = [g.reshape(-1) for g in grads]
+    together = extra is not None and all(g.dtype == extra.dtype and g.device == extra.device for g in grads)
+    if together:
+        parts.append(extra.reshape(-1))
+    elif extra is not None:
+        extra = extra.clone()
+        dist.all_reduce(extra)
+    if not parts:
+        return extra
+    flat = torch.cat(parts)
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
+    offset, world = 0, dist.get_world_size()
     for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        p.grad = flat[offset : offset + g.numel()].view_as(g) / world
         offset += g.numel()
+    return flat[offset:] if together else extra
 
 
 def broadcast_module(module: nn.Module) -> None:

@@ -151,9 +151,10 @@ class Trainer:
                     terms[k] = terms.get(k, 0.0) + v * weight
                 for k, v in out.monitors.items():
                     monitors[k] = monitors.get(k, 0.0) + v.detach() * weight
-        if self.world.size > 1:  # the global batch's loss and terms on every rank (all stop together on a nan)
-            total, terms, monitors = _global_logs(total, terms, monitors, share / self.world.size)
-            dist.average_gradients(self.params)
+        if self.world.size > 1:  # gradients averaged; the global batch's loss and terms on every rank (all stop
+            # together on a nan), in the same all-reduce
+            vec = dist.average_gradients(self.params, _pack_logs(total, terms, monitors, share / self.world.size))
+            total, terms, monitors = _unpack_logs(vec, terms, monitors)
         loss = float(total)
         if not math.isfinite(loss):
             bad = next((k for k, v in terms.items() if not math.isfinite(float(v))), "loss")
@@ -406,14 +407,16 @@ def _set_device_rngs(tensors: dict[str, torch.Tensor], device: torch.device, wor
         torch.cuda.set_rng_state(tensors[f"cuda{suffix}"], device)
 
 
-def _global_logs(total: torch.Tensor, terms: dict[str, Any], monitors: dict[str, Any], weight: float):
-    """Loss, terms and monitors of the global batch: ``Σ_r weight_r · value_r`` in one all-reduce."""
-    names = list(terms) + list(monitors)
-    values = [total] + [terms[k] for k in terms] + [monitors[k] for k in monitors]
-    vec = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=total.device).detach().reshape(())
-                       for v in values]) * weight
-    vec = dist.all_sum(vec)
-    out = dict(zip(names, vec[1:]))
+def _pack_logs(total: torch.Tensor, terms: dict[str, Any], monitors: dict[str, Any], weight: float) -> torch.Tensor:
+    """``weight`` × [loss, terms..., monitors...] as one float32 vector: summed over ranks, the global batch's."""
+    values = [total, *terms.values(), *monitors.values()]
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=total.device).detach().reshape(())
+                        for v in values]) * weight
+
+
+def _unpack_logs(vec: torch.Tensor, terms: dict[str, Any], monitors: dict[str, Any]):
+    """The loss, terms and monitors of a vector :func:`_pack_logs` made (and the ranks summed)."""
+    out = dict(zip([*terms, *monitors], vec[1:]))
     return vec[0], {k: out[k] for k in terms}, {k: out[k] for k in monitors}
 
 
