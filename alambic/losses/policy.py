@@ -12,8 +12,9 @@ shapes in the docstrings, no configs, no modules, no generation. Conventions sha
 - Losses are to be *minimised* (the negated objectives of the papers). Per-token quantities are computed in
   float32 (float64 stays float64), so bf16 log-probs lose nothing to a half-precision exp.
 
-Which GRPO corrections are applied, and where (pi-Distill, arXiv:2602.04942, trains with "GRPO with the
-DAPO / Dr. GRPO fixes" and no reference-model KL; these are the defaults here):
+Which GRPO corrections are applied, and where. pi-Distill (arXiv:2602.04942) trains with GRPO "with the
+DAPO / Dr. GRPO fixes" and no reference-model KL (seed notes; which fixes exactly is not spelled out there),
+so the defaults here are the bias corrections of both papers, each switchable:
 
 1. **No std normalisation of advantages** (Dr. GRPO): :func:`group_advantages` with ``scale_std=False``
    (the default) gives ``r_i − mean_j r_j``. ``scale_std=True`` gives GRPO's ``(r_i − mean)/(std + eps)``.
@@ -239,12 +240,12 @@ def clipped_policy_loss(logp_BT: Tensor, anchor_logp_BT: Tensor, advantages: Ten
         ratio_d, log_ratio_d = ratio.detach(), log_ratio.detach()
         low = mask & (adv < 0) & (ratio_d < 1.0 - eps_low)
         high = mask & (adv > 0) & (ratio_d > 1.0 + eps_high)
-        stats = dict(
-            ratio_mean=torch.where(mask, ratio_d, 0.0).sum() / n,
-            clip_low_fraction=low.sum() / n,
-            clip_high_fraction=high.sum() / n,
-            approx_kl=torch.where(mask, ratio_d - 1.0 - log_ratio_d, 0.0).sum() / n,
-        )
+        stats = {
+            "ratio_mean": torch.where(mask, ratio_d, 0.0).sum() / n,
+            "clip_low_fraction": low.sum() / n,
+            "clip_high_fraction": high.sum() / n,
+            "approx_kl": torch.where(mask, ratio_d - 1.0 - log_ratio_d, 0.0).sum() / n,
+        }
     return PolicyLossOutput(loss=loss, **stats)
 
 
@@ -397,9 +398,9 @@ def pi_distill_loss(teacher_logp_BT: Tensor, student_logp_BT: Tensor, teacher_ol
         raise ValueError(f"{what}: beta must be >= 0, got {beta}")
     _same(teacher_logp_BT, student_logp_BT, what, "teacher and student log-probs")
     mask = _mask(mask_BT, teacher_logp_BT, what)
-    clip = dict(eps_low=eps_low, eps_high=eps_high, aggregation=aggregation, num_tokens=num_tokens,
-                max_length=max_length)
-    agg = dict(aggregation=aggregation, num_tokens=num_tokens, max_length=max_length, what=what)
+    clip = {"eps_low": eps_low, "eps_high": eps_high, "aggregation": aggregation, "num_tokens": num_tokens,
+            "max_length": max_length}
+    agg = {"aggregation": aggregation, "num_tokens": num_tokens, "max_length": max_length, "what": what}
     lt, ls = _f32(teacher_logp_BT), _f32(student_logp_BT)
     d_teacher = torch.where(mask, ls.detach() - lt, 0.0)     # log π^S − log π^T, graph through the teacher
     d_student = torch.where(mask, ls - lt.detach(), 0.0)     # the same, graph through the student
@@ -522,6 +523,12 @@ def curio_temperature(logits: Tensor, tau_min: float = 1.1, tau_max: float = 1.5
     ``compute_tau_from_logits``, per the seed notes): ``H`` is the top-k entropy of ``softmax(z)``, the
     target :func:`curio_target_entropy`, τ found by :func:`bisect_temperature` in [τ_min, τ_max];
     near-deterministic tokens (``H <= entropy_floor``) get τ_min. No gradient.
+
+    Monotonicity, as tested: for one logit vector τ is non-decreasing in the target entropy, and across
+    the sharper and flatter versions ``s·z`` of one logit vector the *tempered entropy reached* is
+    non-decreasing in the token's entropy; τ itself is not always (it can fall by ~1e-3 as H grows, because
+    a flatter distribution needs less temperature for the same entropy gain), so the seed notes' property
+    "a higher-entropy token never gets a lower τ" does not hold for τ.
     """
     with torch.no_grad():
         h = tempered_topk_entropy(logits.detach(), 1.0, top_k)
@@ -558,7 +565,7 @@ def curio_sft_loss(logits_BTV: Tensor, ref_logits_BTV: Tensor, targets_BT: Tenso
     ref_logp = z_ref.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(z_ref, dim=-1)
     nll = torch.where(mask, -logp, 0.0)
     kd = torch.where(mask, 0.5 * (logp - ref_logp) ** 2, 0.0)
-    denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens)
+    denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=logp.device)
     denom = denom.clamp_min(1).to(logp.dtype)
     loss = (nll + kd_coef * kd).sum() / denom
     n = mask.sum().clamp_min(1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ class Problem:
 
 def problem_id(prompt: str, answer: str, prefix: str = "") -> str:
     """A stable id: ``prefix`` + the first 12 hex digits of SHA-1 over ``prompt``, NUL, ``answer`` (UTF-8)."""
-    digest = hashlib.sha1(f"{prompt}\0{answer}".encode("utf-8")).hexdigest()[:12]
+    digest = hashlib.sha1(f"{prompt}\0{answer}".encode()).hexdigest()[:12]
     return f"{prefix}{digest}"
 
 
@@ -143,7 +144,7 @@ def group_rewards(problems: Sequence[Problem], completions: Sequence[Sequence[st
     for i, (problem, group) in enumerate(zip(problems, completions)):
         for j, text in enumerate(group):
             r = float(checker(text, problem.answer))
-            if r != r or r in (float("inf"), float("-inf")):
+            if not math.isfinite(r):
                 raise TaskError(f"group_rewards: the checker returned {r} for problem {problem.id}")
             out[i, j] = r
     return out
@@ -161,7 +162,9 @@ def load_checker(spec: str) -> Checker:
     """
     if spec == "integer":
         return integer_checker
-    from alambic.models.zoo import import_object  # the project's one 'pkg.mod:name' importer
+    from alambic.models.zoo import (
+        import_object,  # the project's one 'pkg.mod:name' importer
+    )
 
     try:
         fn = import_object(spec)
@@ -225,6 +228,6 @@ def split_by_id(problems: Sequence[Problem], test_fraction: float, salt: str = "
         raise TaskError(f"test_fraction must be in [0, 1], got {test_fraction}")
     train, test = [], []
     for p in problems:
-        u = int(hashlib.sha1(f"{salt}{p.id}".encode("utf-8")).hexdigest()[:15], 16) / 16**15
+        u = int(hashlib.sha1(f"{salt}{p.id}".encode()).hexdigest()[:15], 16) / 16**15
         (test if u < test_fraction else train).append(p)
     return train, test

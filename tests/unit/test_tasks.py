@@ -26,7 +26,6 @@ from alambic.tasks import (
     split_by_id,
 )
 
-
 # -- the answer rule -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("completion, expected", [
@@ -137,7 +136,7 @@ def test_split_by_id_is_order_free_and_keeps_duplicates_together():
     assert len(train) + len(test) == len(problems)
     assert not {p.id for p in train} & {p.id for p in test}
     assert 0.15 < len(test) / len(problems) < 0.35
-    train_r, test_r = split_by_id(list(reversed(problems)), 0.25)
+    _, test_r = split_by_id(list(reversed(problems)), 0.25)
     assert {p.id for p in test_r} == {p.id for p in test}
     assert split_by_id(problems, 0.0)[1] == [] and split_by_id(problems, 1.0)[0] == []
 
