@@ -324,7 +324,7 @@ def redi_loss(pos_logp_BT: Tensor | None, pos_mask_BT: Tensor | None, neg_logp_B
         ref = pos_logp_BT if pos_logp_BT is not None else neg_logp_BT
         if ref is None:
             raise ValueError("redi_loss: no positive and no negative traces")
-        return (_f32(ref) * 0.0).sum()
+        return torch.where(torch.zeros_like(ref, dtype=torch.bool), _f32(ref), 0.0).sum()  # 0, with a graph
     return torch.stack(terms).sum()
 
 

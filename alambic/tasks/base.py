@@ -106,8 +106,9 @@ def extract_final_answer(completion: str) -> int | None:
     """The integer a completion claims as its final answer, by the module's rule (``####`` > ``\\boxed`` >
     last number), or None when it claims none or its claim is not an integer.
 
-    A ``####`` or ``\\boxed{}`` content must be one number alone (surrounding spaces, ``$`` signs and a
-    trailing full stop are allowed): ``#### 42.`` reads 42, ``#### 42 apples`` reads nothing.
+    A ``####`` or ``\\boxed{}`` content must be one number alone, on the marker's line for ``####``
+    (surrounding spaces, ``$`` signs and a trailing full stop are allowed): ``#### 42.`` reads 42;
+    ``#### 42 apples`` and ``####`` followed by a line break read nothing.
     """
     for regex in (_HASH_RE, _BOXED_RE):
         hits = regex.findall(completion)

@@ -278,6 +278,9 @@ def test_redi_edge_cases():
     assert only_neg.item() == pytest.approx(0.5 * -3.5 / 2)
     with pytest.raises(ValueError):
         redi_loss(None, None, None, None)
+    nan = leaf([[float("nan")]])
+    zero = redi_loss(nan, torch.zeros(1, 1, dtype=torch.bool), None, None, pos_coef=0.0)
+    assert zero.item() == 0.0 and torch.equal(grad(zero, nan), torch.zeros(1, 1, dtype=torch.float64))
 
 
 # -- pi-Distill and OPSD ---------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def test_extract_final_answer(completion, expected):
     "#### forty-two",                 # a marker without a number: no fallback to earlier numbers
     "42 is my guess\n#### forty-two",
     "#### 42 apples",                 # a marker must hold one number alone
+    "####\n42",                       # ... on its own line
     r"\boxed{x+1}",
     "12.5",                           # not an integer
     "abc12",                          # digits glued to a word are not a number
