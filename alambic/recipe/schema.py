@@ -213,6 +213,14 @@ class TrainSpec(Strict):
         "fp32", description="autocast dtype of the forward (student, teacher, method loss); losses and softmaxes stay "
                             "fp32; fp16 adds a gradient scaler (checkpointed)")
     compile: bool = Field(False, description="torch.compile the student (first steps slower while it compiles)")
+    sync_batchnorm: bool = Field(
+        False, description="several processes: BatchNorm layers of the student and the method's heads normalise with "
+                           "the global batch's statistics (alambic.train.sync_batchnorm; works on gloo/CPU); one "
+                           "process: no effect")
+    shard: Literal["none", "fsdp"] = Field(
+        "none", description="several processes: none = every rank holds the whole student (gradients all-reduced); "
+                            "fsdp = the student's parameters, gradients and optimizer state sharded over ranks "
+                            "(FSDP2 fully_shard, per top-level child); one process: no effect")
 
     def plan(self, steps_per_epoch: int) -> tuple[int, int]:
         """(epochs, total optimizer steps) for a loader of ``steps_per_epoch`` batches."""

@@ -35,6 +35,7 @@ from alambic.train.devices import (autocast, check_precision, float_outputs, gra
 from alambic.train.metrics import MetricsLog
 from alambic.train.progress import training_progress
 from alambic.train.schedules import lr_schedule
+from alambic.train.sync_batchnorm import convert_sync_batchnorm
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -92,6 +93,8 @@ class Trainer:
             place_teacher(teacher, resolve_device(str(teacher_device), "teacher.device")
                           if teacher_device is not None else self.device)
         self.scaler = grad_scaler(self.device, cfg.precision)
+        if cfg.sync_batchnorm and self.world.size > 1:  # global batch statistics (before taps hook the layers)
+            convert_sync_batchnorm(student)
         self.forward_student = torch.compile(student) if cfg.compile else student
 
         self.student_taps = Taps(student, method.student_taps()).attach() if method.student_taps() else None
@@ -102,6 +105,8 @@ class Trainer:
         self.epochs, self.total_steps = cfg.plan(self.steps_per_epoch)
         self.info = self._setup_method()
         method.to(self.device)  # state the method built in setup (centers, queues, heads) lives by the student
+        if cfg.sync_batchnorm and self.world.size > 1:  # the heads' BatchNorm too (DINO's, SEED's projector)
+            convert_sync_batchnorm(method)
         dist.broadcast_module(method)  # heads drawn after seeding: rank 0's everywhere
         dist.broadcast_module(student)
         self.method_schedules = method.schedules(self.info)
@@ -192,7 +197,7 @@ class Trainer:
             if self.teacher is not None:
                 teacher_out = move_outputs(self.teacher.outputs(batch, self.method.teacher_views), self.device)
             student_out = model_outputs(self.forward_student, batch, self.method.student_views, self.student_taps)
-        if self.cfg.precision != "fp32":
+        if self.cfg.precision != "fp32" and not self.method.upcasts_itself:  # a [B, T, V] copy otherwise
             student_out, teacher_out = float_outputs(student_out), float_outputs(teacher_out)
         return self.method(student_out, teacher_out, batch, ctx)
 
@@ -241,8 +246,8 @@ class Trainer:
                         (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.epochs):
                     val = self.val_fn(self.student)
                     self.metrics.write({"split": "val", "step": self.step, "epoch": epoch + 1, **val})
-                    bar.update(task, description=f"epoch {epoch + 1}/{self.epochs} · val acc "
-                                                 f"{val.get('accuracy', float('nan')):.3f}", val_acc=val.get("accuracy"))
+                    bar.update(task, description=f"epoch {epoch + 1}/{self.epochs} · {_val_text(val)}",
+                               val_acc=val.get("accuracy"))
                 epoch, pos = epoch + 1, 0
                 self.save_checkpoint(epoch, pos)
                 for cb in self.callbacks:
@@ -368,6 +373,15 @@ class Trainer:
     def _progress(self):
         """A bar on a terminal, plain lines in a log (:mod:`alambic.train.progress`), nothing when off."""
         return training_progress(self.show_progress)
+
+
+def _val_text(val: dict[str, Any]) -> str:
+    """What the progress line shows of a validation: its accuracy, else (a language run) its perplexity."""
+    if "accuracy" in val:
+        return f"val acc {val['accuracy']:.3f}"
+    if "perplexity" in val:
+        return f"val ppl {val['perplexity']:.3g}"
+    return "val " + " ".join(f"{k} {v:.3g}" for k, v in val.items() if isinstance(v, (int, float))) if val else "val"
 
 
 def _resume_fingerprint(teacher: Teacher | None) -> str | None:
