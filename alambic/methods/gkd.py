@@ -79,6 +79,7 @@ class GKD(Method):
     needs_teacher = True
     uses_unlabeled = True
     modality = "text"
+    upcasts_itself = True  # bf16 logits as they are: the losses upcast chunk by chunk (no [B, T, V] fp32 copy)
     student_views = (TOKENS,)
     teacher_views = (TOKENS,)
 
@@ -92,6 +93,9 @@ class GKD(Method):
         self.eos_id: int | None = None
         self.pad_id: int = 0
         self.run_seed = 0  # the recipe's seed, set by the language run; config.seed overrides it
+        # (real tokens, loss tokens) of every batch trained on so far (the sampled ones on on-policy steps): the
+        # run's train.tokens; a buffer, so the checkpoint keeps it and a resumed run counts on
+        self.register_buffer("tokens_seen", torch.zeros(2, dtype=torch.int64))
 
     @property
     def seed(self) -> int:
@@ -113,11 +117,20 @@ class GKD(Method):
     def prepare(self, batch: Batch, ctx: StepContext) -> Batch:
         """The dataset batch, or (on an on-policy step) the same prompts with the student's sampled completions."""
         cfg = self.config
-        if not on_policy_step(self.seed, ctx.step, cfg.lmbda):
-            return batch
-        if not self._student:
-            raise AlambicError("gkd: prepare() before setup(): the method does not know the student yet")
-        return self.sample_batch(batch, ctx.step)
+        if on_policy_step(self.seed, ctx.step, cfg.lmbda):
+            if not self._student:
+                raise AlambicError("gkd: prepare() before setup(): the method does not know the student yet")
+            batch = self.sample_batch(batch, ctx.step)
+        self.count_tokens(batch)
+        return batch
+
+    def count_tokens(self, batch: Batch) -> None:
+        """Add ``batch``'s real tokens (its attention mask; every position without one) and loss tokens to
+        ``tokens_seen``. ``prepare`` sees the whole step's batch on every rank, so every rank counts the same."""
+        mask = batch.extras.get(ATTENTION_MASK)
+        real = int(mask.sum()) if mask is not None else batch.views[TOKENS].numel()
+        self.tokens_seen += torch.tensor([real, int((batch.target != IGNORE_INDEX).sum())],
+                                         device=self.tokens_seen.device)
 
     def sample_batch(self, batch: Batch, step: int) -> Batch:
         """``batch``'s prompts, each followed by the student's completion drawn at (seed, ``step``, sample id)."""
@@ -140,7 +153,7 @@ class GKD(Method):
         s_full = student[TOKENS].logits
         s, t = seq.truncate_to_shared_vocab(s_full, teacher[TOKENS].logits, self.shared_vocab)
         mask = batch.target != IGNORE_INDEX
-        loss, terms = s.sum() * 0.0, {}
+        loss, terms = s.sum().float() * 0.0, {}  # float32 even for bf16 logits
         if cfg.kd_weight > 0:
             kd = cfg.kd_weight * self.divergence(s, t, mask)
             loss, terms["kd"] = loss + kd, kd.detach()

@@ -39,6 +39,7 @@ class SeqKD(Method):
     needs_teacher = True  # for the tokenizer, a pruned student and the held-out comparison; never run in training
     uses_unlabeled = True
     modality = "text"
+    upcasts_itself = True  # bf16 logits as they are: token_nll upcasts only the completion tokens
     student_views = (TOKENS,)
     teacher_views = ()  # the Trainer runs no teacher forward
 

@@ -71,6 +71,7 @@ class TokenKD(Method):
     needs_teacher = True
     uses_unlabeled = True
     modality = "text"
+    upcasts_itself = True  # bf16 logits as they are: the losses upcast chunk by chunk (no [B, T, V] fp32 copy)
     student_views = (TOKENS,)
     teacher_views = (TOKENS,)
 
@@ -120,7 +121,7 @@ class TokenKD(Method):
             s, t = seq.truncate_to_shared_vocab(s_full, teacher[TOKENS].logits, self.shared_vocab)
         target = batch.target
         mask = target != IGNORE_INDEX
-        loss, terms = s.sum() * 0.0, {}
+        loss, terms = s.sum().float() * 0.0, {}  # float32 even for bf16 logits
         if cfg.kd_weight > 0:
             kd = cfg.kd_weight * (self.divergence(s, t, mask) if sparse is None
                                   else self.sparse_divergence(s, sparse, mask))
@@ -138,5 +139,5 @@ def token_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     count = int(mask.sum())
     picked = logits[mask].float()
     if count == 0:
-        return logits.sum() * 0.0
+        return logits.sum().float() * 0.0
     return F.cross_entropy(picked, target[mask], reduction="sum") / count
