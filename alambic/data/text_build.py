@@ -214,7 +214,7 @@ def build_text_data(spec: Any, tokenizer: Any) -> TextData:
             texts += got
             lengths += [part.max_length] * len(got)
     else:
-        texts = READERS[spec.name](cfg, tokenizer)
+        texts = (READERS.get(spec.name) or DATASETS.get(spec.name).obj)(cfg, tokenizer)  # tasks: alambic.data.tasks
         lengths = [cfg.max_length] * len(texts)
     examples = [tokenize_example(tokenizer, e, n) for e, n in zip(texts, lengths)]
     try:
