@@ -247,7 +247,7 @@ class Trainer:
                     val = self.val_fn(self.student)
                     self.metrics.write({"split": "val", "step": self.step, "epoch": epoch + 1, **val})
                     bar.update(task, description=f"epoch {epoch + 1}/{self.epochs} · {_val_text(val)}",
-                               val_acc=val.get("accuracy"))
+                               val_acc=val.get("accuracy"), val_ppl=val.get("perplexity"))
                 epoch, pos = epoch + 1, 0
                 self.save_checkpoint(epoch, pos)
                 for cb in self.callbacks:

@@ -102,6 +102,8 @@ class LineProgress:
             parts.append(f"{f['sps']:,.0f} samples/s")
         if f.get("val_acc") is not None:
             parts.append(f"val acc {f['val_acc']:.3f}")
+        elif f.get("val_ppl") is not None:  # a language run's validation
+            parts.append(f"val ppl {f['val_ppl']:.3g}")
         if f.get("status"):
             parts.append(str(f["status"]))
         return " · ".join(parts)
