@@ -210,12 +210,15 @@ def probe_run(run_dir: str | Path, *, k: int = 20, temperature: float = 0.07, fe
     from alambic.models.heads import DEFAULT_FEATURES
     from alambic.models.zoo import build_model
     from alambic.recipe.load import load_recipe
-    from alambic.student import load_student
+    from alambic.student import load_student, student_kind
     from alambic.train.seeding import seed_everything
 
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
         raise RunDirError(f"{run_dir} holds no alambic run (no recipe.yaml)")
+    if student_kind(run_dir / "student.json") == "causal_lm":
+        raise AlambicError(f"probe: {run_dir} is a language run: probes are for representations (kNN and linear "
+                           "probes of image features); its summary.json and report.md hold perplexity and agreement")
     recipe = load_recipe(run_dir / "recipe.yaml")
     model, meta = load_student(run_dir, trust_code=trust_code)  # before the baselines rebuild its arch
     path = feature or meta.get("features") or DEFAULT_FEATURES.get(recipe.student.arch)

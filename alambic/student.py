@@ -38,6 +38,8 @@ def load_student(run_dir: str | Path, *, trust_code: bool = False) -> tuple[nn.M
     meta_path = run_dir / STUDENT_META
     if not meta_path.exists():
         raise RunDirError(f"{run_dir} has no finished student ({meta_path.name} missing): did the run finish?")
+    if student_kind(meta_path) == "causal_lm":  # a language run: its student is a transformers directory
+        return load_causal_lm_student(run_dir, meta_path)
     meta = read_student_meta(meta_path)
     try:
         spec = model_spec(meta["arch"], "arch")
@@ -68,6 +70,40 @@ def load_student(run_dir: str | Path, *, trust_code: bool = False) -> tuple[nn.M
                               f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
     load_weights(model, run_dir / STUDENT_WEIGHTS)
     return model, meta
+
+
+def student_kind(meta_path: Path) -> str | None:
+    """``student.json``'s ``kind`` (``causal_lm`` for a language run), None when absent or unreadable (then
+    :func:`read_student_meta` says what is wrong)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta.get("kind") if isinstance(meta, dict) else None
+
+
+def load_causal_lm_student(run_dir: Path, meta_path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The student of a language run: the transformers causal LM saved in ``RUN/<dir>`` (``student/``), in
+    eval mode, and ``student.json``. Loading runs no code: ``trust_remote_code`` stays off and only
+    safetensors weights are read (a pickled ``pytorch_model.bin`` is refused)."""
+    meta = json.loads(meta_path.read_text())
+    folder = meta.get("dir")
+    if not isinstance(folder, str) or not folder or Path(folder).is_absolute() or ".." in Path(folder).parts:
+        raise RunDirError(f"{meta_path}: 'dir' must name the student's folder inside the run, got "
+                          f"{json.dumps(folder)[:60]}")
+    path = run_dir / folder
+    if not path.is_dir():
+        raise RunDirError(f"{run_dir} has no student directory {folder}/: did the run finish?")
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise AlambicError("loading a language run's student needs transformers: pip install 'alambic[llm]'") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        line = " ".join(str(exc).split())[:200]
+        raise RunDirError(f"{path}: not a loadable causal LM ({type(exc).__name__}: {line})") from None
+    return model.eval(), meta
 
 
 def read_student_meta(path: Path) -> dict[str, Any]:

@@ -109,11 +109,11 @@ def _eager(model: nn.Module, x: Tensor) -> np.ndarray:
     return out.detach().cpu().float().numpy()
 
 
-def _compare(session, model: nn.Module, x: Tensor, *, atol: float, rtol: float) -> float:
+def _compare(session, model: nn.Module, x: Tensor, *, atol: float, rtol: float, input_name: str = _INPUT) -> float:
     """The largest absolute difference between onnxruntime and the eager model on ``x``; raises beyond
     the tolerance."""
     expected = _eager(model, x)
-    (got,) = session.run(None, {_INPUT: x.detach().cpu().numpy()})
+    (got,) = session.run(None, {input_name: x.detach().cpu().numpy()})
     if got.shape != expected.shape:
         raise AlambicError(
             f"export_onnx: the exported model gives output shape {got.shape} for input {tuple(x.shape)}, "
@@ -156,9 +156,16 @@ def export_onnx_checked(
     rtol: float = 1e-3,
     opset: int | None = None,
     require_onnxruntime: bool = True,
+    dynamic_dims: dict[int, str] | None = None,
+    check_inputs: tuple[Tensor, ...] | None = None,
+    input_name: str = _INPUT,
 ) -> tuple[Path, OnnxCheck]:
     """:func:`export_onnx`, returning also what the check found. Without onnxruntime and with
-    ``require_onnxruntime=False`` the file is exported unchecked and the :class:`OnnxCheck` says why."""
+    ``require_onnxruntime=False`` the file is exported unchecked and the :class:`OnnxCheck` says why.
+
+    ``dynamic_dims`` names the input's dynamic dimensions (default ``{0: "batch"}``; a causal LM adds
+    ``{1: "sequence"}``), ``check_inputs`` the inputs compared with onnxruntime (default ``example_input`` and a
+    batch of another size), ``input_name`` the graph's input (``input_ids`` for a causal LM)."""
     ort = _require_onnx(require_onnxruntime)
     if not isinstance(example_input, Tensor) or example_input.dim() < 1 or example_input.shape[0] < 1:
         raise AlambicError("export_onnx: example_input must be a tensor with a non-empty leading batch dimension")
@@ -173,9 +180,9 @@ def export_onnx_checked(
                     (example_input,),
                     str(path),
                     dynamo=True,
-                    input_names=[_INPUT],
+                    input_names=[input_name],
                     output_names=[_OUTPUT],
-                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    dynamic_shapes=({d: torch.export.Dim(n) for d, n in (dynamic_dims or {0: "batch"}).items()},),
                     opset_version=opset,
                     external_data=param_bytes > _EXTERNAL_DATA_BYTES,
                     verbose=False,
@@ -189,8 +196,9 @@ def export_onnx_checked(
         try:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             device = next((p.device for p in model.parameters()), example_input.device)
-            batches = (example_input, _other_batch(example_input))
-            worst = max(_compare(session, model, x.to(device), atol=atol, rtol=rtol) for x in batches)
+            batches = tuple(check_inputs) if check_inputs else (example_input, _other_batch(example_input))
+            worst = max(_compare(session, model, x.to(device), atol=atol, rtol=rtol, input_name=input_name)
+                        for x in batches)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
