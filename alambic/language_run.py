@@ -36,6 +36,8 @@ from alambic.models.causal_lm import (
 from alambic.recipe.schema import Recipe
 from alambic.registry import METHODS
 from alambic.teachers.causal_lm import CausalLMTeacher
+from alambic.train import distributed as dist
+from alambic.train.devices import resolve_device
 from alambic.train.loop import CHECKPOINT, Callback, Trainer
 from alambic.train.seeding import seed_everything
 
@@ -55,6 +57,11 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
     seed_everything(recipe.seed)
     student_lm = build_student_lm(recipe.student, teacher_lm, tokenizer, recipe.seed)
     vocab = shared_vocab_size(output_rows(teacher_lm), output_rows(student_lm), tokenizer)
+    # train.device / teacher.device: both models there before anything runs them (the top-k cache, the
+    # Trainer's probe batch); the Trainer moves each batch, the evaluation and generations move theirs
+    device = dist.rank_device(resolve_device(recipe.train.device))
+    student_lm.to(device)
+    teacher_lm.to(resolve_device(spec.device, "teacher.device") if spec.device is not None else device)
     teacher = CausalLMTeacher(teacher_lm, tokenizer, spec.hf)
     method: Method = METHODS.get(recipe.method.name).obj(recipe.method.options)
     method.shared_vocab = vocab
@@ -68,7 +75,8 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
     eval_batch = max(1, cfg.batch_size // cfg.grad_accum)  # a micro-batch: known to fit where training fits
     divergence = getattr(method, "divergence", None)
     evaluate = lambda model, split, with_teacher: language_metrics(  # noqa: E731
-        model, teacher.model, data.loader(split, eval_batch, shuffle=False).epoch(0), TOKENS, vocab,
+        model, teacher.model, (b.to(device) for b in data.loader(split, eval_batch, shuffle=False).epoch(0)),
+        TOKENS, vocab,
         (lambda s, t, m, n: divergence(s, t, m, num_tokens=n)) if divergence else None, with_teacher)
 
     def validate(model: nn.Module) -> dict[str, float]:
@@ -84,10 +92,14 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
                                       [data.examples[i] for i in train_ids], train_ids, vocab, data.pad,
                                       quiet=not progress)
     trainer = Trainer(net, method, loader, cfg, teacher=trained_by, run_dir=out,
-                      val_fn=validate if data.splits["val"] else None, callbacks=callbacks, progress=progress)
+                      val_fn=validate if data.splits["val"] else None, callbacks=callbacks, progress=progress,
+                      teacher_device=spec.device)
     attempts = r._record_attempt(out, resumed=resume and (out / CHECKPOINT).exists())
     fit = r.fit_within_memory(trainer, resume, cfg.batch_size)
-    tokens, loss_tokens = trained_tokens(loader, fit.steps)
+    # a method that changes the batches (gkd's on-policy samples) counts what it trained on; else the data's
+    counted = getattr(method, "tokens_seen", None)
+    tokens, loss_tokens = ([int(v) for v in counted.tolist()] if isinstance(counted, torch.Tensor)
+                           else trained_tokens(loader, fit.steps))
     fit_info = {
         "steps": fit.steps, "epochs": fit.epochs, "wall_time_s": round(fit.wall_time_s, 3),
         "wall_time_covers": f"whole run ({attempts} attempt{'s' if attempts > 1 else ''})",
@@ -166,7 +178,7 @@ def generations(recipe: Recipe, data: TextData, tokenizer: Any, student: nn.Modu
 
 def greedy(model: nn.Module, ids: list[int], max_new_tokens: int, tokenizer: Any) -> str:
     """The greedy continuation of ``ids`` by a transformers causal LM, decoded without special tokens."""
-    x = torch.tensor([ids], dtype=torch.long)
+    x = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     was = model.training
     model.eval()
     try:

@@ -57,7 +57,7 @@ def language_metrics(student: nn.Module, teacher: nn.Module | None, batches: Ite
                 continue
             ids = batch.views[view]
             s = student(ids)
-            t = teacher(ids) if teacher is not None else None
+            t = teacher(ids.to(_device(teacher))).to(s.device) if teacher is not None else None  # teacher.device
             if t is not None:
                 s, t = truncate_to_shared_vocab(s, t, vocab_size)
             elif vocab_size is not None:
@@ -192,3 +192,8 @@ class _eval:
     def __exit__(self, *exc):
         for m, was in self.modes:
             m.train(was)
+
+
+def _device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (cpu for a module without one)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
