@@ -21,10 +21,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from alambic.data.text import TextDataError, TextExample
+from alambic.errors import AlambicError
 from alambic.registry import DATASETS
 from alambic.tasks import Problem
 from alambic.tasks.arithmetic import ARITHMETIC_INSTRUCTION, KINDS, generate_arithmetic
-from alambic.errors import AlambicError
 from alambic.tasks.base import load_checker, read_problems_jsonl
 
 __all__ = ["ArithmeticDataConfig", "TaskExample", "TasksDataConfig", "task_example"]

@@ -51,14 +51,23 @@ from alambic.data.text import ATTENTION_MASK, TOKENS, TokenizedExample, collate
 from alambic.errors import AlambicError
 from alambic.generation.sampling import sample
 from alambic.losses.policy import (
-    clipped_policy_loss, group_advantages, sampled_token_logprobs, trrd_anchor_logprobs,
+    clipped_policy_loss,
+    group_advantages,
+    sampled_token_logprobs,
+    trrd_anchor_logprobs,
 )
-from alambic.methods.base import Method, MethodConfig, MethodOutput, SetupInfo, StepContext
+from alambic.methods.base import (
+    Method,
+    MethodConfig,
+    MethodOutput,
+    SetupInfo,
+    StepContext,
+)
 from alambic.methods.gkd import prompt_rows
 from alambic.registry import METHODS
 from alambic.tasks.base import Problem, group_rewards, load_checker
 
-__all__ = ["GRPO", "GRPOConfig", "TRRD", "TRRDConfig", "group_sample_id"]
+__all__ = ["GRPO", "TRRD", "GRPOConfig", "TRRDConfig", "group_sample_id"]
 
 MAX_GROUP = 2**16
 ADVANTAGES, REWARDS = "advantages", "rewards"

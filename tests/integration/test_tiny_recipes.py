@@ -34,7 +34,9 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
 
         out["runs/tiny-lm"] = write_tiny_lm(root / "tiny-lm")
         if any(yaml.safe_load(p.read_text())["data"]["name"] == "arithmetic" for p in RECIPES):
-            from alambic.tasks.tiny_lm import write_tiny_arithmetic_lm  # the char llama of grpo/trrd
+            from alambic.tasks.tiny_lm import (
+                write_tiny_arithmetic_lm,  # the char llama of grpo/trrd
+            )
 
             out["runs/tiny-arith-lm"] = write_tiny_arithmetic_lm(root / "tiny-arith-lm")
     return out
