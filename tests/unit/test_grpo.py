@@ -27,8 +27,9 @@ CONSTANT = "tests.unit.test_grpo:constant_reward"
 
 
 def parity_reward(completion: str, answer: str) -> float:
-    """A checker whose rewards vary even for a random model: 1 for an even-length completion."""
-    return float(len(completion) % 2 == 0)
+    """A checker whose rewards vary even for a random model: 1 when the completion's character codes sum to an
+    even number."""
+    return float(sum(map(ord, completion)) % 2 == 0)
 
 
 def constant_reward(completion: str, answer: str) -> float:
