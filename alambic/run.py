@@ -617,12 +617,12 @@ def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None
         return EmaTeacher(student, spec.ema.momentum, spec.ema.end_momentum, total_steps, every=every)
     if spec.transfer is not None:
         t = spec.transfer
-        source, meta = load_student(t.run, trust_code=trust)
+        source, meta = _classifier_run(t.run, "teacher.transfer.run", trust)
         _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.transfer.run {t.run}")
         return TransferTeacher(source, t.momentum, t.end_momentum, total_steps,
                                every=steps_per_epoch if t.update == "epoch" else 1, name_map=t.name_map, skip=t.skip)
     if spec.run is not None:
-        model, meta = load_student(spec.run, trust_code=trust)
+        model, meta = _classifier_run(spec.run, "teacher.run", trust)
         _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.run {spec.run}")
         return _maybe_cached(FrozenTeacher(model), spec, data)
     if spec.model is not None:
@@ -688,6 +688,17 @@ def teacher_cache_stats(teacher: Teacher | None) -> dict[str, Any] | list[dict[s
     if isinstance(teacher, TeacherEnsemble) and any(isinstance(t, CachedTeacher) for t in teacher.teachers):
         return [t.stats() if isinstance(t, CachedTeacher) else None for t in teacher.teachers]
     return None
+
+
+def _classifier_run(run_dir: Path, what: str, trust: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """The finished student of ``run_dir`` for a classification run's teacher; a language-model run is refused
+    in one line (its student maps token ids to next-token logits, not inputs to classes)."""
+    from alambic.student import STUDENT_META, student_kind
+
+    if student_kind(Path(run_dir) / STUDENT_META) == "causal_lm":
+        raise RunDirError(f"{what}: {run_dir} is a language-model run, which cannot teach a classifier; in a "
+                          f"language recipe use teacher: {{hf: {Path(run_dir) / 'student'}}}")
+    return load_student(run_dir, trust_code=trust)
 
 
 def _check_compatible(num_classes: int, input_shape: tuple[int, ...], data: DataBundle, what: str) -> None:

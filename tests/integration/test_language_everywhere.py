@@ -192,3 +192,21 @@ def test_gkd_train_tokens_count_the_sampled_completions(tiny_lm, tmp_path, monke
     data = build_text_data(r.data, load_tokenizer(str(tiny_lm), None))
     dataset = trained_tokens(data.loader("train", r.train.batch_size, shuffle=True, seed=r.seed), 3)
     assert loss <= 3 * r.train.batch_size * 4 < dataset[1]
+
+
+def test_a_language_run_as_a_classifiers_teacher_is_one_line(tmp_path):
+    """Its student.json has no classes: refused by kind, before any model is loaded (it was a KeyError)."""
+    import json
+
+    from alambic.errors import RunDirError
+    from alambic.recipe import load_recipe
+    from alambic.run import run
+    from tests.conftest import tiny_recipe
+
+    lm_run = tmp_path / "lm-run"
+    lm_run.mkdir()
+    (lm_run / "student.json").write_text(json.dumps({"kind": "causal_lm", "dir": "student", "arch": {}}))
+    recipe = load_recipe(tiny_recipe(teacher={"run": str(lm_run)}, method={"name": "kd"}))
+    with pytest.raises(RunDirError, match=r"teacher\.run: .*lm-run is a language-model run") as info:
+        run(recipe, tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value)
