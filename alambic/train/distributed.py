@@ -146,9 +146,9 @@ def average_gradients(params: Iterable[nn.Parameter], extra: torch.Tensor | None
 
     ``extra`` (a float vector, e.g. the step's weighted loss and terms) rides in the same all-reduce and comes
     back summed over ranks: one collective per step instead of two."""
-    params = [p for p in params if p.requires_grad]
     if not active():
         return extra
+    params = [p for p in params if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     parts = [g.reshape(-1) for g in grads]
     together = extra is not None and all(g.dtype == extra.dtype and g.device == extra.device for g in grads)
@@ -161,11 +161,11 @@ def average_gradients(params: Iterable[nn.Parameter], extra: torch.Tensor | None
         return extra
     flat = torch.cat(parts)
     dist.all_reduce(flat)
-    offset, world = 0, dist.get_world_size()
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g) / world
-        offset += g.numel()
-    return flat[offset:] if together else extra
+    n = flat.numel() - (extra.numel() if together else 0)
+    flat[:n].div_(dist.get_world_size())  # in place, once: each gradient is a view of ``flat``
+    for p, g, piece in zip(params, grads, flat[:n].split([g.numel() for g in grads])):
+        p.grad = piece.view_as(g)
+    return flat[n:] if together else extra
 
 
 def broadcast_module(module: nn.Module) -> None:
@@ -199,12 +199,24 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_buffers(*modules: nn.Module) -> None:
-    """Rank 0's BatchNorm running statistics on every rank, in one flat broadcast, as DDP's
-    ``broadcast_buffers`` does before each forward (other buffers, a method's reduced state, are left alone)."""
-    bufs = [b for m in modules for bn in m.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)
+def batchnorm_buffers(*modules: nn.Module) -> list[Tensor]:
+    """The floating-point running statistics of the BatchNorm layers under ``modules`` that are not
+    synchronised (a :class:`~alambic.train.sync_batchnorm.SyncBatchNorm` keeps every rank's identical)."""
+    from alambic.train.sync_batchnorm import SyncBatchNorm
+
+    return [b for m in modules for bn in m.modules()
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and not isinstance(bn, SyncBatchNorm)
             for b in bn.buffers() if b.dtype.is_floating_point]
-    if not active() or not bufs:
+
+
+def broadcast_buffers(*modules: nn.Module, bufs: list[Tensor] | None = None) -> None:
+    """Rank 0's BatchNorm running statistics on every rank, in one flat broadcast, as DDP's
+    ``broadcast_buffers`` does before each forward (other buffers, a method's reduced state, are left alone).
+    ``bufs``: :func:`batchnorm_buffers` listed once (the loop's per-step call walks no modules)."""
+    if not active():
+        return
+    bufs = batchnorm_buffers(*modules) if bufs is None else bufs
+    if not bufs:
         return
     flat = torch.cat([b.reshape(-1).float() for b in bufs])
     dist.broadcast(flat, 0)

@@ -109,6 +109,8 @@ class Trainer:
             convert_sync_batchnorm(method)
         dist.broadcast_module(method)  # heads drawn after seeding: rank 0's everywhere
         dist.broadcast_module(student)
+        # BatchNorm running statistics rank 0 broadcasts before each step (none synchronised or absent: no collective)
+        self._bn_buffers = dist.batchnorm_buffers(student, method) if self.world.size > 1 else []
         self.method_schedules = method.schedules(self.info)
         for name, values in self.method_schedules.items():
             if len(values) != self.total_steps:
@@ -138,7 +140,8 @@ class Trainer:
         if self.world.size > 1:
             full, batch = batch, batch.select(dist.shard(rows_global, self.world))
             share = self.world.size * float(self.method.chunk_weight(batch, full))
-            dist.broadcast_buffers(self.student, self.method)  # BatchNorm running statistics: rank 0's, as DDP
+            if self._bn_buffers:  # BatchNorm running statistics: rank 0's, as DDP
+                dist.broadcast_buffers(bufs=self._bn_buffers)
         if self.cfg.grad_accum == 1:
             out = self._forward(batch, ctx)
             self._backward(out.loss if share == 1.0 else out.loss * share)
@@ -424,13 +427,16 @@ def _set_device_rngs(tensors: dict[str, torch.Tensor], device: torch.device, wor
 def _pack_logs(total: torch.Tensor, terms: dict[str, Any], monitors: dict[str, Any], weight: float) -> torch.Tensor:
     """``weight`` × [loss, terms..., monitors...] as one float32 vector: summed over ranks, the global batch's."""
     values = [total, *terms.values(), *monitors.values()]
+    if all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 0 and v.device == total.device
+           for v in values):
+        return torch.stack(values).detach() * weight  # the common case, without a tensor per value
     return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=total.device).detach().reshape(())
                         for v in values]) * weight
 
 
 def _unpack_logs(vec: torch.Tensor, terms: dict[str, Any], monitors: dict[str, Any]):
     """The loss, terms and monitors of a vector :func:`_pack_logs` made (and the ranks summed)."""
-    out = dict(zip([*terms, *monitors], vec[1:]))
+    out = dict(zip([*terms, *monitors], vec[1:].unbind()))
     return vec[0], {k: out[k] for k in terms}, {k: out[k] for k in monitors}
 
 
