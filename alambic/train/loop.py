@@ -29,6 +29,7 @@ from alambic.recipe.schema import TrainSpec
 from alambic.teachers.base import Teacher
 from alambic.teachers.frozen import model_outputs
 from alambic.train import distributed as dist
+from alambic.train import fsdp
 from alambic.train import state as st
 from alambic.train.devices import (autocast, check_precision, float_outputs, grad_scaler, move_outputs, place_teacher,
                                    resolve_device)
@@ -109,6 +110,9 @@ class Trainer:
             convert_sync_batchnorm(method)
         dist.broadcast_module(method)  # heads drawn after seeding: rank 0's everywhere
         dist.broadcast_module(student)
+        self.sharded = cfg.shard == "fsdp" and self.world.size > 1  # train.shard: alambic.train.fsdp
+        if self.sharded:
+            fsdp.shard(student, self.device)
         # BatchNorm running statistics rank 0 broadcasts before each step (none synchronised or absent: no collective)
         self._bn_buffers = dist.batchnorm_buffers(student, method) if self.world.size > 1 else []
         self.method_schedules = method.schedules(self.info)
@@ -117,6 +121,7 @@ class Trainer:
                 raise ValueError(f"schedule '{name}' has {len(values)} values for {self.total_steps} steps")
         params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
         self.params = params
+        self.averaged = [p for p in params if not fsdp.is_sharded(p)]  # FSDP reduce-scatters its own
         self.optimizer = make_optimizer(params, cfg)
         warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         self.lrs = lr_schedule(cfg.lr, self.total_steps, self.steps_per_epoch, cfg.schedule, warmup,
@@ -161,7 +166,7 @@ class Trainer:
                     monitors[k] = monitors.get(k, 0.0) + v.detach() * weight
         if self.world.size > 1:  # gradients averaged; the global batch's loss and terms on every rank (all stop
             # together on a nan), in the same all-reduce
-            vec = dist.average_gradients(self.params, _pack_logs(total, terms, monitors, share / self.world.size))
+            vec = dist.average_gradients(self.averaged, _pack_logs(total, terms, monitors, share / self.world.size))
             total, terms, monitors = _unpack_logs(vec, terms, monitors)
         loss = float(total)
         if not math.isfinite(loss):
@@ -245,7 +250,7 @@ class Trainer:
                 if window.count:
                     self.metrics.write(window.flush(self.step, epoch, logs["lr"]))
                 val = None
-                if self.val_fn is not None and self.world.is_main and (
+                if self.val_fn is not None and (self.world.is_main or self.sharded) and (
                         (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.epochs):
                     val = self.val_fn(self.student)
                     self.metrics.write({"split": "val", "step": self.step, "epoch": epoch + 1, **val})
@@ -261,6 +266,9 @@ class Trainer:
     def close(self) -> None:
         if self.student_taps is not None:
             self.student_taps.remove()
+        if self.sharded:  # an ordinary module again, full tensors on every rank: evaluation, export
+            fsdp.consolidate(self.student)
+            self.sharded = False
 
     # -- checkpoints ------------------------------------------------------------------------------------
 
@@ -274,6 +282,9 @@ class Trainer:
         if path is None:
             return
         rngs = _device_rngs(self.device)
+        if self.sharded:  # a collective: every rank all-gathers the full tensors, rank 0 writes them
+            full_student, (opt_t, opt_m) = fsdp.full_module_state(self.student), st.optimizer_state(
+                fsdp.full_optimizer(self.optimizer))
         if self.world.size > 1:  # a collective: every rank calls save_checkpoint at the same step
             every = dist.gather_objects(rngs)
             rngs = {f"{k}.{r}": v for r, states in enumerate(every) for k, v in states.items()}
@@ -283,10 +294,11 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_checkpoint(self, path)
             return
-        opt_t, opt_m = st.optimizer_state(self.optimizer)
+        if not self.sharded:
+            full_student, (opt_t, opt_m) = st.module_state(self.student), st.optimizer_state(self.optimizer)
         rng_t, rng_m = st.rng_state()
         tensors = {
-            **st.prefixed("student", st.module_state(self.student)),
+            **st.prefixed("student", full_student),
             **st.prefixed("method", st.module_state(self.method)),
             **st.prefixed("optim", opt_t),
             **st.prefixed("rng", rng_t),
@@ -333,9 +345,14 @@ class Trainer:
                             modules={"student": self.student, "method": self.method},
                             teacher_fingerprint=self.teacher_fingerprint, teacher_name=_teacher_name(self.teacher))
         try:
-            self.student.load_state_dict(st.unprefixed("student", tensors))
+            if self.sharded:
+                fsdp.load_full_state(self.student, st.unprefixed("student", tensors))
+            else:
+                self.student.load_state_dict(st.unprefixed("student", tensors))
             self.method.load_state_dict(st.unprefixed("method", tensors))
             st.load_optimizer_state(self.optimizer, st.unprefixed("optim", tensors), meta["optim"])
+            if self.sharded:
+                fsdp.shard_optimizer_state(self.optimizer)
             if stateful:
                 self.teacher.load_state_tensors(st.unprefixed("teacher", tensors))
             st.set_rng_state(st.unprefixed("rng", tensors), meta["rng"])
