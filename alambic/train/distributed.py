@@ -26,9 +26,10 @@ Parallel Training", 2020, arXiv:2006.15704):
   checkpoint holds every rank's torch RNG state, so a resume with the same N replays the same steps.
 
 BatchNorm normalises with its rank's rows (rank 0's running statistics are broadcast before each step, as
-DDP's ``broadcast_buffers`` does), so a
-student with BatchNorm matches the one-process run only statistically; the equality tests use networks
-without it. gloo on CPUs, NCCL on CUDA.
+DDP's ``broadcast_buffers`` does), so a student with BatchNorm matches the one-process run only
+statistically, unless ``train.sync_batchnorm`` (:mod:`alambic.train.sync_batchnorm`: the global batch's
+statistics, on gloo too). ``train.shard: fsdp`` shards the student instead of replicating it
+(:mod:`alambic.train.fsdp`). gloo on CPUs, NCCL on CUDA.
 """
 
 from __future__ import annotations

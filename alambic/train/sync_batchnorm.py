@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alambic.train import distributed as dist

@@ -25,7 +25,12 @@ from safetensors.torch import load_file
 from alambic.recipe import load_recipe
 from alambic.run import run
 from tests.conftest import tiny_recipe
-from tests.invariants.test_distributed import max_difference, run_jobs, torchrun, weights
+from tests.invariants.test_distributed import (
+    max_difference,
+    run_jobs,
+    torchrun,
+    weights,
+)
 
 BN_ATOL = 1e-5  # measured 6e-7 (rounding of the statistics' summation order); unsynchronised: 5e-2
 FSDP_ATOL = 1e-5  # as the unsharded 2-process runs (tests/invariants/test_distributed.py): summation order
