@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from alambic.data import corpora
 from alambic.data.text import (
     TextDataError, TextExample, TextLoader, TokenizedExample, chat_example, pad_id, read_chat_jsonl,
     read_plain_text, read_prompt_completion_jsonl, split_indices, tokenize_example,
 )
-from alambic.data import corpora
 from alambic.registry import DATASETS
 
 
@@ -161,11 +161,8 @@ class MixDataConfig(BaseModel):
                 raise ValueError(f"parts.{i}.name: one of {', '.join(PART_CONFIGS)}, got {name!r}")
             try:
                 PART_CONFIGS[name].model_validate({k: v for k, v in part.items() if k != "name"})
-            except Exception as exc:  # pydantic's ValidationError: its first error as one line
-                errs = getattr(exc, "errors", lambda: [])()
-                if not errs:
-                    raise
-                e = errs[0]
+            except ValidationError as exc:  # its first error as one line
+                e = exc.errors()[0]
                 loc = ".".join(str(p) for p in e["loc"])
                 raise ValueError(f"parts.{i}{'.' + loc if loc else ''}: {e['msg']}") from None
         return parts
