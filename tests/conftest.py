@@ -43,6 +43,18 @@ class KillAt(Callback):
             raise KeyboardInterrupt
 
 
+class PoisonAt(Callback):
+    """NaN in the student's head right after optimizer step ``step``: the next loss is non-finite."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.step:
+            with torch.no_grad():
+                trainer.student.head.weight.fill_(float("nan"))
+
+
 @pytest.fixture(scope="session")
 def digits():
     return build_data(load_recipe(tiny_recipe()).data)

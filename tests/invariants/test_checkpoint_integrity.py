@@ -19,19 +19,8 @@ from alambic.export import export_safetensors
 from alambic.models import MLP
 from alambic.recipe import load_recipe
 from alambic.run import run
-from alambic.train import Callback
 from alambic.train import state as st
-from tests.conftest import KillAt, tiny_recipe
-
-
-class PoisonAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            with torch.no_grad():
-                trainer.student.head.weight.fill_(float("nan"))
+from tests.conftest import KillAt, PoisonAt, tiny_recipe
 
 
 def flip_byte(path, tensor: str, offset: int = 0, mask: int = 0x40) -> None:

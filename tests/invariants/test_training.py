@@ -16,9 +16,9 @@ from alambic.models import MLP
 from alambic.recipe import load_recipe
 from alambic.recipe.schema import TrainSpec
 from alambic.run import run
-from alambic.train import Callback, Trainer
+from alambic.train import Trainer
 from alambic.train import state as st
-from tests.conftest import KillAt, tiny_recipe
+from tests.conftest import KillAt, PoisonAt, tiny_recipe
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
@@ -131,16 +131,6 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(AlambicError, match=f"checkpoint {bad} is unreadable"):
         st.load(bad)
-
-
-class PoisonAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, logs):
-        if step == self.step:
-            with torch.no_grad():
-                trainer.student.head.weight.fill_(float("nan"))
 
 
 def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path):
