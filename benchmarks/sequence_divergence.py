@@ -8,7 +8,7 @@ student and teacher logits in ``--dtype`` (bf16 by default, as an LM emits them)
   intermediate (casts, log-softmaxes, probabilities, log-ratios) is alive until backward;
 - ``loop``: a Python loop over 1,024-token chunks calling the unchunked function and summing, the
   obvious "chunking" that does not help training: each chunk's graph is kept for backward;
-- ``chunked``: ``chunk_size=1024`` (the default): the custom autograd function that forms each chunk's
+- ``chunked``: ``chunk_size=256`` (``--chunk``; the losses' default): the custom autograd function that forms each chunk's
   gradient and frees its graph before the next chunk.
 
 Each variant runs in its own subprocess with one torch thread. Peak memory is the process's peak
@@ -114,7 +114,7 @@ def main() -> None:
                              "total_variation"])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=49_152)
-    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--variants", default=",".join(VARIANTS))

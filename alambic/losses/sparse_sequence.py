@@ -25,7 +25,7 @@ skew reverse KL, total variation): each is well defined on k or k + 1 outcomes.
 One interface, the dense one's with the teacher logits replaced by the top-k::
 
     sparse_forward_kl(student_logits, topk_ids, topk_logprobs, mask=None, *, tail="bucket",
-                      tail_logprob=None, temperature=1.0, scale_t2=False, num_tokens=None, chunk_size=1024)
+                      tail_logprob=None, temperature=1.0, scale_t2=False, num_tokens=None, chunk_size=256)
 
 - ``student_logits``: [B, T, V] or [N, V] over the cache's vocabulary (cut padded rows first: a padding
   row's mass would land in the tail); computed in float32 (float64 stays).
@@ -206,7 +206,7 @@ _SHARED_ARGS = """
 def sparse_forward_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor | None = None,
                       *, tail: str = "bucket", tail_logprob: Tensor | None = None, temperature: float = 1.0,
                       scale_t2: bool = False, num_tokens: int | Tensor | None = None,
-                      chunk_size: int | None = 1024) -> Tensor:
+                      chunk_size: int | None = 256) -> Tensor:
     """Forward KL ``KL(p_T ‖ p_S)`` on the teacher's top-k (plus the tail bucket, or renormalised).
 
     The objective of offline top-k distillation (Anshumann et al. 2025, arXiv:2503.16870, §2–3, the
@@ -219,7 +219,7 @@ def sparse_forward_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: T
 def sparse_reverse_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor | None = None,
                       *, tail: str = "bucket", tail_logprob: Tensor | None = None, temperature: float = 1.0,
                       scale_t2: bool = False, num_tokens: int | Tensor | None = None,
-                      chunk_size: int | None = 1024) -> Tensor:
+                      chunk_size: int | None = 256) -> Tensor:
     """Reverse KL ``KL(p_S ‖ p_T)`` on the k (or k + 1) outcomes; dense counterpart
     :func:`alambic.losses.reverse_kl` (MiniLLM, arXiv:2306.08543). With ``bucket`` a student that puts mass
     in the tail pays for it against the teacher's tail mass (infinite if the teacher's tail is empty)."""
@@ -230,7 +230,7 @@ def sparse_reverse_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: T
 def sparse_generalized_jsd(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
                            mask: Tensor | None = None, *, beta: float = 0.5, tail: str = "bucket",
                            tail_logprob: Tensor | None = None, temperature: float = 1.0, scale_t2: bool = False,
-                           num_tokens: int | Tensor | None = None, chunk_size: int | None = 1024) -> Tensor:
+                           num_tokens: int | Tensor | None = None, chunk_size: int | None = 256) -> Tensor:
     """GKD's generalised JSD(β), 0 < β < 1 (Agarwal et al. 2024, arXiv:2306.13649, §2) on the k (or k + 1)
     outcomes; dense counterpart :func:`alambic.losses.generalized_jsd` (same refusal of β at 0 or 1)."""
     if not 0.0 < beta < 1.0:
@@ -243,7 +243,7 @@ def sparse_generalized_jsd(student_logits: Tensor, topk_ids: Tensor, topk_logpro
 def sparse_skew_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor | None = None,
                    *, alpha: float = 0.1, tail: str = "bucket", tail_logprob: Tensor | None = None,
                    temperature: float = 1.0, scale_t2: bool = False, num_tokens: int | Tensor | None = None,
-                   chunk_size: int | None = 1024) -> Tensor:
+                   chunk_size: int | None = 256) -> Tensor:
     """DistiLLM's α-skew KL ``KL(p_T ‖ α·p_T + (1 − α)·p_S)`` (Ko et al. 2024, arXiv:2402.03898, §3.1) on the
     k (or k + 1) outcomes; dense counterpart :func:`alambic.losses.skew_kl`."""
     if not 0.0 <= alpha <= 1.0:
@@ -255,7 +255,7 @@ def sparse_skew_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tens
 def sparse_skew_reverse_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
                            mask: Tensor | None = None, *, alpha: float = 0.1, tail: str = "bucket",
                            tail_logprob: Tensor | None = None, temperature: float = 1.0, scale_t2: bool = False,
-                           num_tokens: int | Tensor | None = None, chunk_size: int | None = 1024) -> Tensor:
+                           num_tokens: int | Tensor | None = None, chunk_size: int | None = 256) -> Tensor:
     """DistiLLM's α-skew reverse KL ``KL(p_S ‖ α·p_S + (1 − α)·p_T)`` (arXiv:2402.03898, §3.1) on the k (or
     k + 1) outcomes; dense counterpart :func:`alambic.losses.skew_reverse_kl`."""
     if not 0.0 <= alpha <= 1.0:
@@ -268,7 +268,7 @@ def sparse_skew_reverse_kl(student_logits: Tensor, topk_ids: Tensor, topk_logpro
 def sparse_total_variation(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
                            mask: Tensor | None = None, *, tail: str = "bucket", tail_logprob: Tensor | None = None,
                            temperature: float = 1.0, scale_t2: bool = False, num_tokens: int | Tensor | None = None,
-                           chunk_size: int | None = 1024) -> Tensor:
+                           chunk_size: int | None = 256) -> Tensor:
     """Total variation ``½·Σ|p_T − p_S|`` on the k (or k + 1) outcomes (f-distill's TVD, arXiv:2307.15190);
     dense counterpart :func:`alambic.losses.total_variation`."""
     return _sparse_divergence(_tv_rows, "sparse_total_variation", student_logits, topk_ids, topk_logprobs, mask,

@@ -48,7 +48,7 @@ class TokenKDConfig(MethodConfig):
     scale_t2: bool = Field(False, description="multiply the divergence by τ² (Hinton et al. §2)")
     kd_weight: float = Field(1.0, ge=0, description="weight of the divergence (0: plain NLL fine-tuning)")
     nll_weight: float = Field(0.0, ge=0, description="weight of the NLL of the text's own next tokens")
-    chunk_size: int | None = Field(1024, ge=1, description="tokens per chunk of the divergence (peak memory "
+    chunk_size: int | None = Field(256, ge=1, description="tokens per chunk of the divergence (peak memory "
                                    "O(chunk_size × V)); null: plain autograd")
 
 
