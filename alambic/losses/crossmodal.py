@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alambic.errors import AlambicError, ShapeMismatchError
+from alambic.losses.ssl import _positive  # the same "> 0" check, one copy
 
 __all__ = [
     "comodo_loss",
@@ -40,11 +41,6 @@ __all__ = [
     "slidr_loss",
     "slidr_pool",
 ]
-
-
-def _positive(value: float, name: str, what: str) -> None:
-    if not value > 0:
-        raise AlambicError(f"{what}: {name} must be > 0, got {value}")
 
 
 def _rows(x: Tensor, name: str, what: str) -> None:

@@ -233,14 +233,24 @@ def _token_divergence(row_fn: RowFn, what: str, student_logits: Tensor, teacher_
         raise TypeError(f"{what}: logits must be floating point, got {student_logits.dtype} and {teacher_logits.dtype}")
     if temperature <= 0:
         raise ValueError(f"{what}: temperature must be > 0, got {temperature}")
+    v = student_logits.shape[-1]
+    teacher = teacher_logits.detach().reshape(-1, v)
+    return masked_token_sum(partial(_logit_rows, row_fn, temperature), what, student_logits, teacher, mask,
+                            temperature, scale_t2, num_tokens, chunk_size)
+
+
+def masked_token_sum(rows: Callable[[Tensor, Any], Tensor], what: str, student_logits: Tensor,
+                     teacher: Tensor | tuple[Tensor, ...], mask: Tensor | None, temperature: float, scale_t2: bool,
+                     num_tokens: int | Tensor | None, chunk_size: int | None) -> Tensor:
+    """The reduction every token divergence shares (dense here, top-k in ``sparse_sequence``): the positions
+    of ``mask`` (all when None) of ``student_logits`` [..., V] and of the flattened ``teacher`` rows, summed by
+    :func:`token_sum` and weighted by τ² (``scale_t2``) / ``num_tokens`` (default: the valid count, at least 1)."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{what}: chunk_size must be >= 1 or None, got {chunk_size}")
     if isinstance(num_tokens, (int, float)) and num_tokens < 0:
         raise ValueError(f"{what}: num_tokens must be >= 0, got {num_tokens}")
-    v = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
-    student = student_logits.reshape(-1, v)  # a view for contiguous logits and for [..., :V] slices
-    teacher = teacher_logits.detach().reshape(-1, v)
+    student = student_logits.reshape(-1, student_logits.shape[-1])  # a view for contiguous logits and [..., :V]
 
     index: Tensor | None = None
     count: int | Tensor = student.shape[0]
@@ -263,8 +273,7 @@ def _token_divergence(row_fn: RowFn, what: str, student_logits: Tensor, teacher_
     denom = count if num_tokens is None else num_tokens
     denom = torch.as_tensor(denom, device=student.device).to(dtype).clamp_min(1)
     weight = (temperature**2 if scale_t2 else 1.0) / denom
-
-    return token_sum(partial(_logit_rows, row_fn, temperature), student, teacher, index, weight, chunk_size)
+    return token_sum(rows, student, teacher, index, weight, chunk_size)
 
 
 def token_sum(rows: Callable[[Tensor, Any], Tensor], student: Tensor, teacher: Tensor | tuple[Tensor, ...],

@@ -58,7 +58,7 @@ from alambic.losses.sequence import (
     _skew_kl_rows,
     _skew_reverse_kl_rows,
     _tv_rows,
-    token_sum,
+    masked_token_sum,
 )
 
 __all__ = [
@@ -155,34 +155,11 @@ def _sparse_divergence(row_fn: RowFn, what: str, student_logits: Tensor, topk_id
     if tail_logprob is not None and (tail != "bucket" or tail_logprob.shape != topk_ids.shape[:-1]):
         raise ShapeMismatchError(f"{what}: tail_logprob goes with tail='bucket' and has shape "
                                  f"{tuple(topk_ids.shape[:-1])}, got {tuple(tail_logprob.shape)} with tail={tail!r}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"{what}: chunk_size must be >= 1 or None, got {chunk_size}")
-    if isinstance(num_tokens, (int, float)) and num_tokens < 0:
-        raise ValueError(f"{what}: num_tokens must be >= 0, got {num_tokens}")
-    lead = student_logits.shape[:-1]
-    student = student_logits.reshape(-1, v)
     teacher: tuple[Tensor, ...] = (topk_ids.detach().reshape(-1, k), topk_logprobs.detach().reshape(-1, k))
     if tail_logprob is not None:
         teacher = (*teacher, tail_logprob.detach().reshape(-1))
-
-    index: Tensor | None = None
-    count: int | Tensor = student.shape[0]
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"{what}: mask must be bool (True = token counts), got {mask.dtype}; with -100 labels "
-                            "pass mask=labels != IGNORE_INDEX")
-        if mask.shape != lead:
-            raise ShapeMismatchError(f"{what}: mask {tuple(mask.shape)} does not match logits "
-                                     f"{tuple(student_logits.shape)} (expected {tuple(lead)})")
-        index = mask.reshape(-1).to(student.device).nonzero().squeeze(1)
-        count = index.numel()
-
-    dtype = _compute_dtype(student)
-    denom = count if num_tokens is None else num_tokens
-    denom = torch.as_tensor(denom, device=student.device).to(dtype).clamp_min(1)
-    weight = (temperature**2 if scale_t2 else 1.0) / denom
-
-    return token_sum(partial(_sparse_rows, row_fn, tail, temperature), student, teacher, index, weight, chunk_size)
+    return masked_token_sum(partial(_sparse_rows, row_fn, tail, temperature), what, student_logits, teacher, mask,
+                            temperature, scale_t2, num_tokens, chunk_size)
 
 
 _SHARED_ARGS = """
