@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import os
-import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -213,11 +212,7 @@ def write_finished(out: Path, student: nn.Module, tokenizer: Any, meta: dict[str
     r._write_text(out / r.STUDENT_META, json.dumps(meta, indent=2))
     r._write_text(out / r.SUMMARY, json.dumps(summary, indent=2))
     r._write(out / r.REPORT, lambda: render_language_report(out))
-    files = [n for n in (r.RECIPE, r.METRICS, r.STUDENT_META, r.SUMMARY, r.REPORT) if (out / n).is_file()]
-    files += sorted(p.relative_to(out).as_posix() for d in ("plots", STUDENT_DIR) for p in (out / d).glob("*")
-                    if p.is_file())
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    r._write_text(out / r.FINISHED, json.dumps({"finished_at": stamp, "files": files}, indent=2))
+    r.mark_finished(out, folders=("plots", STUDENT_DIR))
     return summary
 
 

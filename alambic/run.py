@@ -367,11 +367,12 @@ def finished_summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def mark_finished(out: Path) -> None:
-    """Write the marker, last: the files this run promises, every one of them on disk by now."""
+def mark_finished(out: Path, folders: tuple[str, ...] = ("plots",)) -> None:
+    """Write the marker, last: the files this run promises, every one of them on disk by now (those of
+    ``folders`` too: a language run adds its ``student/``)."""
     files = [n for n in (RECIPE, METRICS, STUDENT_WEIGHTS, STUDENT_META, PREDICTIONS, SUMMARY, REPORT)
              if (out / n).is_file()]
-    files += sorted(p.relative_to(out).as_posix() for p in (out / "plots").glob("*") if p.is_file())
+    files += sorted(p.relative_to(out).as_posix() for d in folders for p in (out / d).glob("*") if p.is_file())
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     _write_text(out / FINISHED, json.dumps({"finished_at": stamp, "files": files}, indent=2))
 

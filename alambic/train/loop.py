@@ -120,7 +120,6 @@ class Trainer:
             if len(values) != self.total_steps:
                 raise ValueError(f"schedule '{name}' has {len(values)} values for {self.total_steps} steps")
         params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
-        self.params = params
         self.averaged = [p for p in params if not fsdp.is_sharded(p)]  # FSDP reduce-scatters its own
         self.optimizer = make_optimizer(params, cfg)
         warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
