@@ -41,7 +41,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -192,35 +192,53 @@ class UnusableFont(Exception):
     """A font that cannot render the requested characters as distinct glyphs (the message says why)."""
 
 
+_NOTDEF = "\U0010fffd"  # an unassigned code point: every font draws its .notdef box for it
+
+
+def glyph_layout(path: str | Path, chars: str, size: int, also: str = "") -> tuple[Any, np.ndarray]:
+    """(the font at its render size, float64 ``[len(chars + also), 2]`` pen origins ``(x, baseline)``).
+
+    The font is measured at a large size to find the scale at which the union of the glyph boxes of
+    ``chars`` (top of the tallest, bottom of the deepest, width of the widest) fits inside the margin, then
+    loaded at that (fractional) size; each character of ``chars + also`` is centred horizontally and sits on
+    the baseline shared by ``chars``. :func:`render_font` draws at these origins (anchor ``ls``), and the
+    outline point clouds of :mod:`alambic.data.glyph_outlines` are placed in the same frame from them.
+    Raises :class:`UnusableFont` when no glyph has any extent (other failures propagate).
+    """
+    from PIL import ImageFont
+
+    big = ImageFont.truetype(str(path), 4 * size)
+    boxes = np.array([big.getbbox(c, anchor="ls") for c in chars], dtype=np.float64)
+    inner = size * (1 - 2 * _MARGIN)
+    height = boxes[:, 3].max() - boxes[:, 1].min()
+    width = (boxes[:, 2] - boxes[:, 0]).max()
+    if height <= 0 or width <= 0:
+        raise UnusableFont("no glyph has any extent")
+    font = ImageFont.truetype(str(path), 4 * size * min(inner / height, inner / width))
+    boxes = np.array([font.getbbox(c, anchor="ls") for c in chars + also], dtype=np.float64)
+    top, bottom = boxes[: len(chars), 1].min(), boxes[: len(chars), 3].max()
+    baseline = (size - (bottom - top)) / 2 - top
+    x = (size - (boxes[:, 2] - boxes[:, 0])) / 2 - boxes[:, 0]
+    return font, np.stack([x, np.full_like(x, baseline)], axis=1)
+
+
 def render_font(path: str | Path, chars: str, size: int) -> np.ndarray:
     """uint8 ``[len(chars), size, size]``: each character centred horizontally on the font's baseline.
 
-    The font is measured at a large size to find the scale at which the union of all glyph boxes (top of
-    the tallest, bottom of the deepest, width of the widest) fits inside the margin, then loaded at that
-    (fractional) size and drawn directly, so FreeType's anti-aliasing works at the target resolution.
-    Raises :class:`UnusableFont` for blank, missing (``.notdef``) or too many identical glyphs.
+    Drawn at the origins of :func:`glyph_layout` directly at the target size, so FreeType's anti-aliasing
+    works at the target resolution. Raises :class:`UnusableFont` for blank, missing (``.notdef``) or too
+    many identical glyphs.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     try:
-        big = ImageFont.truetype(str(path), 4 * size)
-        boxes = np.array([big.getbbox(c, anchor="ls") for c in chars], dtype=np.float64)
-        inner = size * (1 - 2 * _MARGIN)
-        height = boxes[:, 3].max() - boxes[:, 1].min()
-        width = (boxes[:, 2] - boxes[:, 0]).max()
-        if height <= 0 or width <= 0:
-            raise UnusableFont("no glyph has any extent")
-        font = ImageFont.truetype(str(path), 4 * size * min(inner / height, inner / width))
-        boxes = np.array([font.getbbox(c, anchor="ls") for c in chars + "\U0010fffd"], dtype=np.float64)
-        top, bottom = boxes[:-1, 1].min(), boxes[:-1, 3].max()
-        baseline = (size - (bottom - top)) / 2 - top
-        out = np.zeros((len(boxes), size, size), dtype=np.uint8)
+        font, origins = glyph_layout(path, chars, size, also=_NOTDEF)  # the last one draws .notdef
+        out = np.zeros((len(origins), size, size), dtype=np.uint8)
         image = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(image)
-        for i, ch in enumerate(chars + "\U0010fffd"):  # the last one is unassigned: it draws .notdef
-            left, _, right, _ = boxes[i]
+        for i, ch in enumerate(chars + _NOTDEF):
             image.paste(0, (0, 0, size, size))
-            draw.text(((size - (right - left)) / 2 - left, baseline), ch, 255, font, anchor="ls")
+            draw.text(tuple(origins[i]), ch, 255, font, anchor="ls")
             out[i] = np.asarray(image)
     except UnusableFont:
         raise
