@@ -17,7 +17,24 @@ tail is therefore an explicit choice here, never a silent one:
   The divergence is taken over k + 1 outcomes. By the data-processing inequality this coarse-grained
   divergence is at most the dense one, is ≥ 0, and is 0 when the student equals the teacher.
 
-With k = V (every id present) both policies equal the dense divergence of :mod:`alambic.losses.sequence`
+- ``tail="sample"`` (forward KL only): the cache holds N i.i.d. draws from the teacher (Anshumann et al.'s
+  "Random Sampling KD", the paper's proposal = the teacher itself), as distinct ids ``topk_ids``, their counts
+  or frequencies ``weights`` and the teacher's log-probabilities ``topk_logprobs`` at them. Per token::
+
+      KL̂ = Σ_j w_j · (log p_T(j) − log p_S(j)),   w_j = count_j / N,   p_S = softmax(z / τ) over all V
+
+  Since E[count_v / N] = p_T(v), this is an unbiased estimate of KL(p_T ‖ p_S) = Σ_v p_T(v)(log p_T(v) −
+  log p_S(v)), and its gradient with respect to the student logits, ``(p_S − p̂_T) / τ`` with p̂_T the
+  frequencies, is unbiased for the dense ``(p_S − p_T) / τ``. (The paper trains on the KL from the
+  frequencies themselves, Σ_j w_j (log w_j − log p_S(j)): the same gradient, but its value estimates
+  nothing; keeping log p_T makes the value unbiased as well.) The student side is normalised over the whole
+  vocabulary, never over the drawn ids. Its variance per token is Var_{p_T}(log p_T − log p_S) / N. A
+  one-hot teacher gives N draws of one id: exact. The reverse KL, the JSD, the skew KLs and the TV need the
+  teacher's probability of whatever the *student* favours, which teacher samples do not carry: they refuse
+  ``tail="sample"`` in one line. ``topk_logprobs`` are the teacher's at the loss temperature τ (the draws
+  were made from ``softmax(z_T / τ)``): they are used as they are, only the student is divided by τ.
+
+With k = V (every id present) the top-k policies equal the dense divergence of :mod:`alambic.losses.sequence`
 exactly (the bucket is empty on both sides, the renormalisation divides by 1): tested, values and
 gradients. Every divergence of that module is offered (forward and reverse KL, generalised JSD, skew KL,
 skew reverse KL, total variation): each is well defined on k or k + 1 outcomes.
@@ -25,7 +42,8 @@ skew reverse KL, total variation): each is well defined on k or k + 1 outcomes.
 One interface, the dense one's with the teacher logits replaced by the top-k::
 
     sparse_forward_kl(student_logits, topk_ids, topk_logprobs, mask=None, *, tail="bucket",
-                      tail_logprob=None, temperature=1.0, scale_t2=False, num_tokens=None, chunk_size=256)
+                      tail_logprob=None, weights=None, temperature=1.0, scale_t2=False, num_tokens=None,
+                      chunk_size=256)
 
 - ``student_logits``: [B, T, V] or [N, V] over the cache's vocabulary (cut padded rows first: a padding
   row's mass would land in the tail); computed in float32 (float64 stays).
@@ -33,6 +51,9 @@ One interface, the dense one's with the teacher logits replaced by the top-k::
 - ``topk_logprobs``: same shape, the teacher's log-probabilities at those ids (any float dtype; a 16-bit
   cache's values are widened first). Order does not matter.
 - ``tail_logprob``: [B, T] or [N], the teacher's log tail mass (``bucket`` only; ``None``: from the top-k).
+- ``weights``: [B, T, k] or [N, k], ``sample`` only (and required there): the draw counts (or frequencies)
+  of the ids, ≥ 0; each row is divided by its sum. A padding entry has weight 0 and counts for nothing (a row
+  may repeat a padding id).
 - ``mask``, ``num_tokens``, ``scale_t2``, ``chunk_size``: as in :mod:`alambic.losses.sequence` (sum over
   outcomes and valid tokens, divided by the step's valid-token count; chunked exact gradient).
 - ``temperature``: the loss temperature τ. With ``renormalize`` the cached log-probs are divided by τ and
@@ -71,7 +92,7 @@ __all__ = [
     "sparse_total_variation",
 ]
 
-TAIL_POLICIES = ("renormalize", "bucket")
+TAIL_POLICIES = ("renormalize", "bucket", "sample")
 _LOG_HALF = -math.log(2.0)
 
 
@@ -126,12 +147,35 @@ def _sparse_rows(row_fn: RowFn, tail: str, temperature: float, student: Tensor,
     return row_fn(torch.cat([z_k - lse, log_s_tail], -1), torch.cat([log_t, log_t_tail], -1))
 
 
+def _sampled_forward_kl_rows(temperature: float, student: Tensor, teacher: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """Student logits [n, V], teacher (ids [n, k], log p_T [n, k], weights [n, k]) -> [n] the sampled estimate
+    ``Σ_j w_j (log p_T(j) − log p_S(j))`` with w normalised per row and p_S over the whole vocabulary."""
+    ids, log_t, w = teacher
+    dtype = _compute_dtype(student)
+    z = student.to(dtype)
+    if temperature != 1.0:
+        z = z / temperature
+    log_s = z.gather(-1, ids.long()) - torch.logsumexp(z, -1, keepdim=True)
+    w = w.to(dtype)
+    w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    # the where wraps the log-ratio: a padding entry (w = 0) adds 0 to the value and to the gradient
+    return (w * torch.where(w > 0, log_t.to(dtype) - log_s, 0.0)).sum(-1)
+
+
 def _sparse_divergence(row_fn: RowFn, what: str, student_logits: Tensor, topk_ids: Tensor,
                        topk_logprobs: Tensor, mask: Tensor | None, tail: str, tail_logprob: Tensor | None,
                        temperature: float, scale_t2: bool, num_tokens: int | Tensor | None,
-                       chunk_size: int | None) -> Tensor:
+                       chunk_size: int | None, weights: Tensor | None = None) -> Tensor:
     if tail not in TAIL_POLICIES:
         raise ValueError(f"{what}: tail must be one of {', '.join(TAIL_POLICIES)}, got {tail!r}")
+    if tail == "sample" and row_fn is not _forward_kl_rows:
+        raise ValueError(f"{what}: tail='sample' (sampled teacher targets) estimates the forward KL only: "
+                         f"{what.removeprefix('sparse_')} needs the teacher's probabilities where the student puts its "
+                         "mass, which teacher samples do not give; use sparse_forward_kl, or a top-k cache "
+                         "(tail='bucket' or 'renormalize')")
+    if (weights is None) != (tail != "sample"):
+        raise ValueError(f"{what}: weights (the draw counts) go with tail='sample' and it needs them; got "
+                         f"tail={tail!r} and weights={'None' if weights is None else 'a tensor'}")
     if student_logits.dim() < 2 or topk_ids.shape != topk_logprobs.shape \
             or topk_ids.shape[:-1] != student_logits.shape[:-1]:
         raise ShapeMismatchError(
@@ -156,6 +200,15 @@ def _sparse_divergence(row_fn: RowFn, what: str, student_logits: Tensor, topk_id
         raise ShapeMismatchError(f"{what}: tail_logprob goes with tail='bucket' and has shape "
                                  f"{tuple(topk_ids.shape[:-1])}, got {tuple(tail_logprob.shape)} with tail={tail!r}")
     teacher: tuple[Tensor, ...] = (topk_ids.detach().reshape(-1, k), topk_logprobs.detach().reshape(-1, k))
+    if weights is not None:
+        if weights.shape != topk_ids.shape:
+            raise ShapeMismatchError(f"{what}: weights must have the ids' shape {tuple(topk_ids.shape)}, got "
+                                     f"{tuple(weights.shape)}")
+        if not bool((weights.detach() >= 0).all()):
+            raise ValueError(f"{what}: weights (draw counts or frequencies) must be >= 0")
+        teacher = (*teacher, weights.detach().reshape(-1, k))
+        return masked_token_sum(partial(_sampled_forward_kl_rows, temperature), what, student_logits, teacher,
+                                mask, temperature, scale_t2, num_tokens, chunk_size)
     if tail_logprob is not None:
         teacher = (*teacher, tail_logprob.detach().reshape(-1))
     return masked_token_sum(partial(_sparse_rows, row_fn, tail, temperature), what, student_logits, teacher, mask,
@@ -168,10 +221,13 @@ _SHARED_ARGS = """
         topk_ids: [B, T, k] or [N, k] integer teacher ids (distinct in a row), any integer dtype.
         topk_logprobs: same shape: the teacher's log-probabilities at ``topk_ids``; a constant.
         mask: [B, T] or [N] bool, True at the tokens that count; ``None``: all.
-        tail: ``"bucket"`` (a (k+1)-th "other tokens" outcome on both sides) or ``"renormalize"`` (both
-            sides restricted to the k ids and renormalised).
+        tail: ``"bucket"`` (a (k+1)-th "other tokens" outcome on both sides), ``"renormalize"`` (both
+            sides restricted to the k ids and renormalised) or ``"sample"`` (sampled teacher targets with
+            ``weights``: forward KL only, refused by the others).
         tail_logprob: [B, T] or [N] the teacher's log tail mass (``bucket``); ``None``: from the top-k.
-        temperature: loss temperature τ (``bucket``: 1 only).
+        weights: [B, T, k] or [N, k] draw counts or frequencies (``sample`` only, required there).
+        temperature: loss temperature τ (``bucket``: 1 only; ``sample``: the temperature the draws and
+            log-probs were made at).
         scale_t2: multiply by τ² (default off).
         num_tokens: normaliser: the valid-token count of the whole optimizer step; default this call's.
         chunk_size: tokens per chunk (peak memory O(chunk_size × V)); ``None``: unchunked autograd.
@@ -181,16 +237,19 @@ _SHARED_ARGS = """
 
 
 def sparse_forward_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor | None = None,
-                      *, tail: str = "bucket", tail_logprob: Tensor | None = None, temperature: float = 1.0,
-                      scale_t2: bool = False, num_tokens: int | Tensor | None = None,
+                      *, tail: str = "bucket", tail_logprob: Tensor | None = None, weights: Tensor | None = None,
+                      temperature: float = 1.0, scale_t2: bool = False, num_tokens: int | Tensor | None = None,
                       chunk_size: int | None = 256) -> Tensor:
-    """Forward KL ``KL(p_T ‖ p_S)`` on the teacher's top-k (plus the tail bucket, or renormalised).
+    """Forward KL ``KL(p_T ‖ p_S)`` on the teacher's top-k (plus the tail bucket, or renormalised), or its
+    unbiased estimate from sampled teacher targets (``tail="sample"``, ``weights`` = draw counts).
 
     The objective of offline top-k distillation (Anshumann et al. 2025, arXiv:2503.16870, §2–3, the
-    "Top-K" baseline whose bias they analyse); dense counterpart :func:`alambic.losses.forward_kl`.
+    "Top-K" baseline whose bias they analyse) and of their Random Sampling KD (``sample``: ``Σ_j w_j (log
+    p_T(j) − log p_S(j))``, w the draw frequencies; see the module docstring for why it is unbiased in value
+    and gradient); dense counterpart :func:`alambic.losses.forward_kl`.
     """
     return _sparse_divergence(_forward_kl_rows, "sparse_forward_kl", student_logits, topk_ids, topk_logprobs,
-                              mask, tail, tail_logprob, temperature, scale_t2, num_tokens, chunk_size)
+                              mask, tail, tail_logprob, temperature, scale_t2, num_tokens, chunk_size, weights)
 
 
 def sparse_reverse_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor | None = None,
