@@ -23,9 +23,11 @@ class SparseLogits:
     ids: Tensor  # [B, T, k] int64 token ids (0 where ``mask`` is False)
     logprobs: Tensor  # [B, T, k] float32 teacher log-probabilities at ``ids`` (0 where ``mask`` is False)
     mask: Tensor  # [B, T] bool: the positions the cache covers (the batch's completion tokens)
-    tail: str = "bucket"  # the tail policy the cache was written for: "bucket" or "renormalize"
+    tail: str = "bucket"  # the tail policy the cache was written for: "bucket", "renormalize" or "sample"
     tail_logprob: Tensor | None = None  # [B, T] float32 log of the teacher's mass outside ``ids`` (bucket)
     vocab_size: int = 0  # the vocabulary the ids index: cut the student's logits to it
+    weights: Tensor | None = None  # [B, T, k] float32 draw frequencies of ``ids`` (sample; 0 on padding entries)
+    temperature: float = 1.0  # the teacher temperature ``logprobs`` (and a sample cache's draws) are at
 
 
 @dataclass

@@ -8,7 +8,10 @@ most likely token ids and their log-probabilities; :class:`CachedTopKTeacher` se
 :mod:`alambic.losses.sparse_sequence`. The idea is the "offline" mode of DistillKit (arcee-ai) and of
 Megatron-LM's offline-logits KD; Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
 Distillation in LLMs", ACL 2025, arXiv:2503.16870, show that the top-k alone is a biased picture of the
-teacher, so the tail policy (``renormalize`` or ``bucket``) is explicit and recorded.
+teacher, so the tail policy (``renormalize`` or ``bucket``) is explicit and recorded; their unbiased
+alternative, **sampled teacher targets** (``tail="sample"``: N draws from the teacher per token, kept as
+distinct ids with their counts and log-probabilities, :mod:`alambic.teachers.sampled`), is the third policy.
+With it ``k`` is the number of draws N per token, and only the forward KL can be estimated from the cache.
 
 **Layout** of the cache folder::
 
@@ -24,12 +27,20 @@ outside the k ids, computed in float32 as a log-sum-exp over the other logits (n
 cancellation, which 16-bit values would make coarse). Each shard carries the digests of
 :mod:`alambic.integrity` and is written atomically (temporary file, fsync, rename).
 
+A ``sample`` shard has ragged rows instead: ``sizes`` [P] (distinct tokens drawn at each covered
+position), then per distinct token, row after row (ids ascending within a row), ``ids`` [E], ``logprobs`` [E]
+(the teacher's log-probability at the cache's ``temperature``) and ``counts`` [E] (how many of the N draws
+chose it; a row's counts sum to N). ``sizes`` and ``counts`` are uint8 for N ≤ 255, else uint16. The draw of
+each position is a pure function of (``seed``, sample id, position), so a resumed writer draws what an
+uninterrupted one would.
+
 ``manifest.json``: ``format``, ``version``, ``teacher`` / ``tokenizer`` / ``data`` fingerprints, ``k``,
-``tail``, ``value_dtype``, ``index_dtype``, ``vocab_size``, ``num_samples``, ``shard_samples``, ``shards``
+``tail``, ``value_dtype``, ``index_dtype``, ``vocab_size``, ``num_samples``, (``sample`` only: ``seed``,
+``temperature``, ``count_dtype``), ``shard_samples``, ``shards``
 (each: ``file``, ``first_id``, ``last_id``, ``samples``, ``tokens``, ``bytes``, ``digest``: a hash of the
 shard's own integrity record, so a shard of another cache is refused), ``complete``, ``tokens``,
-``bytes``. Reading a cache made for another teacher, tokenizer, data, k or tail is refused in one line
-naming the fields that differ; the writer rebuilds it only when asked (``rebuild=True``).
+``bytes``. Reading a cache made for another teacher, tokenizer, data, k, tail, seed or temperature is
+refused in one line naming the fields that differ; the writer rebuilds it only when asked (``rebuild=True``).
 
 **Resuming**: the manifest is rewritten (atomically) after each shard, so a killed writer, run again with
 the same arguments, continues after the last shard it lists; a shard file it does not list is rewritten.
@@ -42,7 +53,10 @@ error is measured by the tests and ``benchmarks/topk_cache.py``. ``value_dtype="
 exact (tests compare a cached run with a live one with it).
 
 **Size**: k = 64 with uint16 ids and float16 values is 256 bytes per token, plus 2 for the bucket's tail
-and a few for offsets and headers (``bytes_per_token`` in the manifest and in the writer's report).
+and a few for offsets and headers (``bytes_per_token`` in the manifest and in the writer's report). A
+``sample`` cache with N draws takes 5 bytes per distinct drawn token (uint16 id, float16 log-prob, uint8
+count) plus 1 per position: at most 5·min(N, V) + 1 (321 B at N = 64, when all 64 draws differ), and as
+many distinct tokens as the teacher is uncertain (a peaked teacher draws a handful).
 """
 
 from __future__ import annotations
@@ -66,16 +80,19 @@ from alambic.data.text import ATTENTION_MASK, TOKENS, TokenizedExample, collate
 from alambic.errors import AlambicError, WriteError
 from alambic.integrity import DIGEST_KEY
 from alambic.teachers.base import ModelOutput, SparseLogits
+from alambic.teachers.sampled import draw_uniforms, pad_rows, sample_targets
 
 FORMAT = "alambic-topk-logits"
 VERSION = 1
 MANIFEST = "manifest.json"
-TAIL_POLICIES = ("bucket", "renormalize")
+TAIL_POLICIES = ("bucket", "renormalize", "sample")
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # the fields that say what a cache is; any difference makes it another cache
-# (``shard_samples`` is not one: a writer continues an unfinished cache with the shard size it began with)
+# (``shard_samples`` is not one: a writer continues an unfinished cache with the shard size it began with);
+# ``seed`` and ``temperature`` are a sample cache's only (absent from, so never compared for, a top-k one)
 IDENTITY = ("format", "version", "teacher", "tokenizer", "data", "k", "tail", "value_dtype", "index_dtype",
-            "vocab_size", "num_samples")
+            "vocab_size", "num_samples", "seed", "temperature", "count_dtype")
+MAX_DRAWS = 65_535  # a sample cache's N: counts fit uint16
 
 
 class TopKCacheError(AlambicError):
@@ -87,6 +104,11 @@ class TopKCacheError(AlambicError):
 def index_dtype(vocab_size: int) -> torch.dtype:
     """The narrowest integer type for token ids: uint16 up to 65,536 tokens, else int32."""
     return torch.uint16 if vocab_size <= 1 << 16 else torch.int32
+
+
+def count_dtype(draws: int) -> torch.dtype:
+    """The narrowest type for a sample cache's counts and row sizes (both at most N): uint8 up to 255 draws."""
+    return torch.uint8 if draws <= 255 else torch.uint16
 
 
 def data_fingerprint(examples: Sequence[TokenizedExample], index: Sequence[int] | Tensor) -> str:
@@ -147,19 +169,47 @@ def teacher_topk(model: nn.Module, batch: Batch, k: int, vocab_size: int,
     return ids, values, tail, covered.sum(1)
 
 
+@torch.no_grad()
+def teacher_samples(model: nn.Module, batch: Batch, draws: int, vocab_size: int, seed: int,
+                    temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The teacher's sampled targets at the covered positions of a text batch (RS-KD, arXiv:2503.16870).
+
+    At each covered position t of row b, ``draws`` tokens are drawn from ``softmax(logits / temperature)`` by
+    :func:`~alambic.teachers.sampled.sample_targets` with the uniforms of (``seed``, ``batch.index[b]``, t).
+    Returns ``sizes`` [P] distinct tokens per position, then per distinct token (row after row, ids
+    ascending) ``ids`` [E] int64, ``logprobs`` [E] float32 (at ``temperature``) and ``counts`` [E] int64
+    (summing to ``draws`` per row), and ``counts`` [B] covered positions per row."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch.views[TOKENS].to(device),
+                   attention_mask=batch.extras[ATTENTION_MASK].to(device)).logits
+    if logits.shape[-1] < vocab_size:
+        raise TopKCacheError(f"the teacher has {logits.shape[-1]} logits per token, fewer than the vocabulary's "
+                             f"{vocab_size}: is it the tokenizer's model?")
+    covered = (batch.target != IGNORE_INDEX).to(device)
+    z = logits[..., :vocab_size][covered].float()
+    rows = (z / temperature if temperature != 1.0 else z).log_softmax(-1)
+    b_idx, t_idx = covered.nonzero(as_tuple=True)  # the row-major order of logits[covered]
+    uniforms = draw_uniforms(seed, batch.index.to(device)[b_idx].tolist(), t_idx.tolist(), draws)
+    row, ids, counts = sample_targets(rows, uniforms)
+    sizes = torch.bincount(row, minlength=rows.shape[0])
+    return sizes, ids, rows[row, ids], counts, covered.sum(1)
+
+
 def write_topk_cache(model: nn.Module, examples: Sequence[TokenizedExample], index: Sequence[int] | Tensor,
                      out: str | Path, *, k: int = 64, tail: str = "bucket", teacher_fingerprint: str,
                      tokenizer_fingerprint: str, vocab_size: int, pad: int, value_dtype: str = "float16",
                      batch_size: int = 8, shard_samples: int = 512, rebuild: bool = False,
-                     progress: Callable[[str], None] | None = None) -> CacheReport:
+                     progress: Callable[[str], None] | None = None, seed: int = 0,
+                     temperature: float = 1.0) -> CacheReport:
     """Compute ``model``'s top-k log-probabilities over ``examples`` into the folder ``out`` (resumable).
 
     Args:
         model: the teacher causal LM (a transformers model: ``model(input_ids=, attention_mask=).logits``);
             put in eval mode here.
         examples, index: the tokenised samples and their stable sample ids (``Batch.index``).
-        k: entries kept per position (1..vocab_size). tail: ``"bucket"`` (stores the tail mass too) or
-            ``"renormalize"``.
+        k: entries kept per position (1..vocab_size); with ``tail="sample"`` the draws N per position
+            (1..65,535). tail: ``"bucket"`` (stores the tail mass too), ``"renormalize"`` or ``"sample"``
+            (sampled teacher targets, :mod:`alambic.teachers.sampled`).
         teacher_fingerprint, tokenizer_fingerprint: what the manifest records (e.g.
             :func:`~alambic.teachers.frozen.state_fingerprint` of the model and
             :func:`~alambic.models.causal_lm.tokenizer_fingerprint`).
@@ -168,6 +218,9 @@ def write_topk_cache(model: nn.Module, examples: Sequence[TokenizedExample], ind
         batch_size: samples per teacher forward. shard_samples: samples per shard file.
         rebuild: replace a cache in ``out`` made for something else instead of refusing it.
         progress: called with one line after each shard (default: print to stderr).
+        seed, temperature: ``sample`` only: the draws' seed (a position's draw is a pure function of seed,
+            sample id and position) and the teacher temperature they are drawn at (the loss temperature of
+            the runs that read the cache); both recorded in the manifest.
     Returns:
         a :class:`CacheReport` (tokens, bytes, bytes per token).
     """
@@ -175,8 +228,16 @@ def write_topk_cache(model: nn.Module, examples: Sequence[TokenizedExample], ind
         raise TopKCacheError(f"tail must be one of {', '.join(TAIL_POLICIES)}, got {tail!r}")
     if value_dtype not in VALUE_DTYPES:
         raise TopKCacheError(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {value_dtype!r}")
-    if not 1 <= k <= vocab_size:
+    sampled = tail == "sample"
+    if sampled and not 1 <= k <= MAX_DRAWS:
+        raise TopKCacheError(f"k (the draws per token of tail='sample') must be in 1..{MAX_DRAWS}, got {k}")
+    if not sampled and not 1 <= k <= vocab_size:
         raise TopKCacheError(f"k must be in 1..{vocab_size} (the vocabulary), got {k}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise TopKCacheError(f"temperature must be a finite number > 0, got {temperature}")
+    if not sampled and temperature != 1.0:
+        raise TopKCacheError(f"temperature (here {temperature}) is the draws' of tail='sample'; a top-k cache "
+                             f"(tail={tail!r}) stores the teacher at temperature 1")
     if batch_size < 1 or shard_samples < 1:
         raise TopKCacheError(f"batch_size and shard_samples must be >= 1, got {batch_size} and {shard_samples}")
     ids_list = [int(i) for i in (index.tolist() if isinstance(index, Tensor) else index)]
@@ -190,6 +251,9 @@ def write_topk_cache(model: nn.Module, examples: Sequence[TokenizedExample], ind
             "data": data_fingerprint(examples, ids_list), "k": k, "tail": tail, "value_dtype": value_dtype,
             "index_dtype": str(index_dtype(vocab_size)).removeprefix("torch."), "vocab_size": vocab_size,
             "num_samples": len(ids_list), "shard_samples": shard_samples}
+    if sampled:
+        want.update(seed=int(seed), temperature=float(temperature),
+                    count_dtype=str(count_dtype(k)).removeprefix("torch."))
     manifest = _resume_manifest(folder, want, rebuild)
     shard_samples = int(manifest["shard_samples"])  # an unfinished cache keeps the shard size it began with
     done = {s["file"] for s in manifest["shards"]}
@@ -250,14 +314,21 @@ def _write_shard(model: nn.Module, path: Path, examples: list[TokenizedExample],
 
     k, vocab = want["k"], want["vocab_size"]
     bucket = want["tail"] == "bucket"
-    parts_ids, parts_lp, parts_tail, counts = [], [], [], []
+    sampled = want["tail"] == "sample"
+    parts_ids, parts_lp, parts_tail, parts_sizes, parts_counts, counts = [], [], [], [], [], []
     for b in range(0, len(examples), batch_size):
         batch = collate(examples[b:b + batch_size], ids[b:b + batch_size], pad)
-        top_ids, top_lp, tail, count = teacher_topk(model, batch, k, vocab, bucket)
+        if sampled:
+            sizes, top_ids, top_lp, drawn, count = teacher_samples(model, batch, k, vocab, want["seed"],
+                                                                   want["temperature"])
+            parts_sizes.append(sizes.cpu())
+            parts_counts.append(drawn.cpu())
+        else:
+            top_ids, top_lp, tail, count = teacher_topk(model, batch, k, vocab, bucket)
+            if tail is not None:
+                parts_tail.append(tail.cpu())
         parts_ids.append(top_ids.cpu())
         parts_lp.append(top_lp.cpu())
-        if tail is not None:
-            parts_tail.append(tail.cpu())
         counts.append(count.cpu())
     counts_t = torch.cat(counts)
     dtype = VALUE_DTYPES[want["value_dtype"]]
@@ -269,6 +340,9 @@ def _write_shard(model: nn.Module, path: Path, examples: list[TokenizedExample],
     }
     if bucket:
         tensors["tail_logprob"] = torch.cat(parts_tail).to(dtype)
+    if sampled:
+        tensors["sizes"] = torch.cat(parts_sizes).to(count_dtype(k))
+        tensors["counts"] = torch.cat(parts_counts).to(count_dtype(k))
     atomic_save(tensors, {"format": FORMAT, "data": want["data"], "teacher": want["teacher"], "k": k},
                 path, what="top-k cache shard")
     with safe_open(str(path), framework="pt") as fh:
@@ -321,8 +395,9 @@ class TopKCache:
     """Read access to a complete top-k cache folder: :meth:`lookup` serves a text batch's top-k.
 
     ``expect`` (any of the manifest's identity fields: ``teacher``, ``tokenizer``, ``data``, ``k``, ``tail``,
-    ``vocab_size``...) is checked at once; a difference is refused in one line naming each field. Shards
-    are loaded (and their digests checked) on first use and kept in memory."""
+    ``vocab_size``, a sample cache's ``seed`` and ``temperature``...) is checked at once; a difference is
+    refused in one line naming each field. Shards are loaded (and their digests checked) on first use and kept
+    in memory."""
 
     def __init__(self, folder: str | Path, expect: dict[str, Any] | None = None):
         self.folder = Path(folder)
@@ -353,6 +428,11 @@ class TopKCache:
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
 
+    @property
+    def temperature(self) -> float:
+        """The teacher temperature of the stored log-probs (a sample cache's draws' too; 1 for top-k)."""
+        return float(self.manifest.get("temperature", 1.0))
+
     def _shard_of(self, sample: int) -> dict[str, Any]:
         import bisect
 
@@ -375,25 +455,47 @@ class TopKCache:
             if _digest_of_record(record) != shard["digest"]:
                 raise TopKCacheError(f"top-k cache shard {path} is not the one its manifest lists (digest differs): "
                                      "write the cache again with --rebuild")
+            if "sizes" in tensors:  # a sample shard: where each position's entries start
+                tensors["entry_offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64),
+                                                      tensors["sizes"].long().cumsum(0)])
             self._loaded[name] = tensors
             self._rows[name] = {int(s): j for j, s in enumerate(tensors["sample_ids"].tolist())}
         return self._loaded[name], self._rows[name]
 
-    def sample(self, sample: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """One sample's rows as stored: ids [n, k] int64, log-probs [n, k] float32, tail [n] float32 or None."""
+    def _position_rows(self, sample: int) -> tuple[dict[str, Tensor], int, int]:
         tensors, rows = self._load(self._shard_of(sample))
         j = rows.get(sample)
         if j is None:
             raise TopKCacheError(f"top-k cache {self.folder} holds no sample {sample} (it was written for other data)")
-        a, b = int(tensors["offsets"][j]), int(tensors["offsets"][j + 1])
+        return tensors, int(tensors["offsets"][j]), int(tensors["offsets"][j + 1])
+
+    def sample(self, sample: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One sample's rows as stored: ids [n, k] int64, log-probs [n, k] float32, tail [n] float32 or None."""
+        if self.tail == "sample":
+            raise TopKCacheError(f"top-k cache {self.folder} holds sampled targets (tail 'sample'): read it with "
+                                 "sampled()")
+        tensors, a, b = self._position_rows(sample)
         ids = tensors["ids"][a:b].to(torch.int64)
         tail = tensors["tail_logprob"][a:b].float() if "tail_logprob" in tensors else None
         return ids, tensors["logprobs"][a:b].float(), tail
+
+    def sampled(self, sample: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One sample's sampled targets (``tail: sample``), one row per covered position, right-padded to the
+        sample's widest row: ids [n, w] int64, log-probs [n, w] float32, counts [n, w] int64 (0 on padding)."""
+        if self.tail != "sample":
+            raise TopKCacheError(f"top-k cache {self.folder} holds a top-k (tail {self.tail!r}), not sampled "
+                                 "targets: read it with sample()")
+        tensors, a, b = self._position_rows(sample)
+        e0, e1 = int(tensors["entry_offsets"][a]), int(tensors["entry_offsets"][b])
+        return pad_rows(tensors["sizes"][a:b], tensors["ids"][e0:e1].to(torch.int64),
+                        tensors["logprobs"][e0:e1].float(), tensors["counts"][e0:e1].to(torch.int64))
 
     def lookup(self, batch: Batch) -> SparseLogits:
         """The top-k of every covered position (``target != IGNORE_INDEX``) of a text batch, [B, T, k]."""
         if batch.target is None:
             raise TopKCacheError("a top-k cache serves text batches with next-token targets; this batch has none")
+        if self.tail == "sample":
+            return self._lookup_sampled(batch)
         mask = batch.target != IGNORE_INDEX
         B, T = mask.shape
         k = self.k
@@ -415,6 +517,31 @@ class TopKCache:
         device = batch.target.device
         return SparseLogits(ids.to(device), lp.to(device), mask, tail=self.tail,
                             tail_logprob=None if tail is None else tail.to(device), vocab_size=self.vocab_size)
+
+    def _lookup_sampled(self, batch: Batch) -> SparseLogits:
+        """A sample cache's targets of a text batch: [B, T, w] ids, log-probs and ``weights`` = counts / N,
+        w the widest row of the batch (padding entries: id 0, weight 0)."""
+        mask = batch.target != IGNORE_INDEX
+        mask_cpu = mask.cpu()
+        rows = [self.sampled(int(sample)) for sample in batch.index.tolist()]
+        w = max([r[0].shape[1] for r in rows] + [1])
+        B, T = mask.shape
+        ids = torch.zeros(B, T, w, dtype=torch.int64)
+        lp = torch.zeros(B, T, w, dtype=torch.float32)
+        counts = torch.zeros(B, T, w, dtype=torch.float32)
+        for b, (sample, (s_ids, s_lp, s_counts)) in enumerate(zip(batch.index.tolist(), rows)):
+            where = mask_cpu[b]
+            if s_ids.shape[0] != int(where.sum()):
+                raise TopKCacheError(f"top-k cache {self.folder}: sample {sample} has {s_ids.shape[0]} cached "
+                                     f"positions but the batch covers {int(where.sum())} (the data or max_length "
+                                     "changed since it was written)")
+            width = s_ids.shape[1]
+            ids[b, where, :width] = s_ids
+            lp[b, where, :width] = s_lp
+            counts[b, where, :width] = s_counts.float()
+        device = batch.target.device
+        return SparseLogits(ids.to(device), lp.to(device), mask, tail="sample", vocab_size=self.vocab_size,
+                            weights=(counts / self.k).to(device), temperature=self.temperature)
 
 
 class CachedTopKTeacher:
@@ -446,30 +573,39 @@ def run_topk_teacher(spec: Any, model: nn.Module, teacher_fingerprint: str, toke
                      quiet: bool = False) -> CachedTopKTeacher:
     """The teacher of a language run with ``teacher.cache: topk``: its cache of the training samples, written
     now if missing or unfinished (resumed), then served. ``spec`` is the recipe's ``teacher.topk``
-    (``k``, ``tail``, ``value_dtype``, ``dir``); without ``dir`` the folder is
-    ``$ALAMBIC_CACHE/teachers/topk/<teacher>-<data>-k<k>-<tail>-<value_dtype>``. A folder written for another
-    teacher, tokenizer, data, k or tail is refused in one line, never overwritten."""
+    (``k``, ``tail``, ``value_dtype``, ``dir``, and ``seed`` and ``temperature`` of ``tail: sample``); without
+    ``dir`` the folder is ``$ALAMBIC_CACHE/teachers/topk/<teacher>-<data>-k<k>-<tail>-<value_dtype>`` (plus
+    ``-s<seed>-t<temperature>`` for ``sample``). A folder written for another teacher, tokenizer, data, k,
+    tail, seed or temperature is refused in one line, never overwritten."""
     from alambic.cache_dir import cache_dir
 
     data = data_fingerprint(examples, index)
+    sampled = spec.tail == "sample"
+    seed, temperature = (int(spec.seed), float(spec.temperature)) if sampled else (0, 1.0)
+    name = f"{teacher_fingerprint}-{data}-k{spec.k}-{spec.tail}-{spec.value_dtype}"
     folder = Path(spec.dir) if spec.dir is not None else cache_dir("teachers") / "topk" / (
-        f"{teacher_fingerprint}-{data}-k{spec.k}-{spec.tail}-{spec.value_dtype}")
+        f"{name}-s{seed}-t{temperature:g}" if sampled else name)
     write_topk_cache(model, examples, index, folder, k=spec.k, tail=spec.tail, value_dtype=spec.value_dtype,
                      teacher_fingerprint=teacher_fingerprint, tokenizer_fingerprint=tokenizer_fingerprint,
-                     vocab_size=vocab_size, pad=pad, progress=(lambda line: None) if quiet else None)
-    return CachedTopKTeacher(folder, expect={"teacher": teacher_fingerprint, "tokenizer": tokenizer_fingerprint,
-                                             "data": data, "k": spec.k, "tail": spec.tail,
-                                             "vocab_size": vocab_size})
+                     vocab_size=vocab_size, pad=pad, progress=(lambda line: None) if quiet else None, seed=seed,
+                     temperature=temperature)
+    expect = {"teacher": teacher_fingerprint, "tokenizer": tokenizer_fingerprint, "data": data, "k": spec.k,
+              "tail": spec.tail, "vocab_size": vocab_size}
+    if sampled:
+        expect.update(seed=seed, temperature=temperature)
+    return CachedTopKTeacher(folder, expect=expect)
 
 
 def cache_logits_for_recipe(recipe: Any, out: str | Path | None = None, *, k: int | None = None,
                             tail: str | None = None, value_dtype: str | None = None, batch_size: int = 8,
-                            shard_samples: int = 512, rebuild: bool = False, quiet: bool = False) -> CacheReport:
+                            shard_samples: int = 512, rebuild: bool = False, quiet: bool = False,
+                            seed: int | None = None, temperature: float | None = None) -> CacheReport:
     """``alambic cache-logits``: the top-k cache of a language recipe's teacher over its training split.
 
-    ``k``, ``tail``, ``value_dtype`` and the folder default to the recipe's ``teacher.topk`` (else 64,
-    bucket, float16); the result is what a run of that recipe with ``teacher.cache: topk`` and
-    ``teacher.topk.dir: OUT`` reads (same teacher, tokenizer and data fingerprints)."""
+    ``k``, ``tail``, ``value_dtype``, ``seed``, ``temperature`` (the last two: ``tail: sample``) and the
+    folder default to the recipe's ``teacher.topk`` (else 64, bucket, float16, 0, 1); the result is what a run
+    of that recipe with ``teacher.cache: topk`` and ``teacher.topk.dir: OUT`` reads (same teacher, tokenizer
+    and data fingerprints)."""
     from alambic.data.text_build import build_text_data
     from alambic.models.causal_lm import (
         load_causal_lm, load_tokenizer, output_rows, resolve_hf, tokenizer_fingerprint,
@@ -483,6 +619,10 @@ def cache_logits_for_recipe(recipe: Any, out: str | Path | None = None, *, k: in
     k = k if k is not None else (topk.k if topk else 64)
     tail = tail or (topk.tail if topk else "bucket")
     value_dtype = value_dtype or (topk.value_dtype if topk else "float16")
+    seed = seed if seed is not None else (topk.seed if topk else 0)
+    temperature = temperature if temperature is not None else (topk.temperature if topk else 1.0)
+    if tail != "sample":
+        seed, temperature = 0, 1.0  # a top-k cache draws nothing and stores the teacher at temperature 1
     folder = out if out is not None else (topk.dir if topk and topk.dir else None)
     if folder is None:
         raise TopKCacheError("cache-logits needs --out (or teacher.topk.dir in the recipe)")
@@ -500,4 +640,4 @@ def cache_logits_for_recipe(recipe: Any, out: str | Path | None = None, *, k: in
                             value_dtype=value_dtype, teacher_fingerprint=teacher.fingerprint(),
                             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=vocab,
                             pad=data.pad, batch_size=batch_size, shard_samples=shard_samples, rebuild=rebuild,
-                            progress=say)
+                            progress=say, seed=seed, temperature=temperature)
