@@ -447,13 +447,18 @@ def _prepare_run_dir(out: Path, recipe: Recipe, resume: bool) -> bool:
 
 def _without_devices(resolved: Any) -> Any:
     """A resolved recipe without ``train.device`` and the teachers' ``device``: where a run computes is not
-    part of what it is, so a checkpoint written on a GPU resumes on a CPU (and the reverse)."""
+    part of what it is, so a checkpoint written on a GPU resumes on a CPU (and the reverse). Nor are
+    ``train.gradient_checkpointing`` and ``train.pin_memory`` (same arithmetic): a run that ran out of memory
+    resumes with checkpointing switched on."""
     if not isinstance(resolved, dict):
         return resolved
     out = copy.deepcopy(resolved)
     for section in [out.get("train"), out.get("teacher"), *(out.get("teachers") or [])]:
         if isinstance(section, dict):
             section.pop("device", None)
+    if isinstance(out.get("train"), dict):
+        for key in ("gradient_checkpointing", "pin_memory"):
+            out["train"].pop(key, None)
     return out
 
 

@@ -6,7 +6,15 @@ ones the uninterrupted run would have seen. So the order of epoch ``e`` is drawn
 dropout consume, is never touched), and ``epoch(e, start=k)`` skips the first ``k`` batches without
 drawing anything. :class:`TensorLoader` serves an in-memory :class:`~alambic.data.splits.Split` by direct
 tensor indexing (no DataLoader, no per-sample Python); :class:`DatasetLoader` wraps any
-``torch.utils.data.Dataset`` with the same semantics.
+``torch.utils.data.Dataset`` with the same semantics, in worker processes if asked.
+
+Every data source of a recipe (digits, MNIST, npz, image folders, glyphs, text) is decoded once, into memory,
+when the run starts, so recipe runs use :class:`TensorLoader` (or the text loader) and have no per-item work
+for DataLoader workers to take over: workers would only add inter-process copies of rows already in memory.
+Workers are for a ``torch.utils.data.Dataset`` that reads files per item (the Python API:
+``make_loader(dataset, batch_size, num_workers=N)``). On a CUDA device the Trainer asks the loader for
+page-locked batches (``train.pin_memory``): :class:`TensorLoader` gathers rows straight into pinned memory,
+:class:`DatasetLoader` pins in DataLoader's pinning thread.
 
 A partly labelled split can be served in *composed* batches (``labeled_per_batch=k``): every batch holds
 ``k`` labelled and ``batch_size - k`` unlabelled samples, as FixMatch's separate labelled and unlabelled
@@ -106,6 +114,34 @@ class _EpochLoader:
         return order[start * self.batch_size : len(self) * self.batch_size]
 
 
+def gather(t: Tensor, rows: Tensor, pin: bool = False) -> Tensor:
+    """``t[rows]`` (rows of dim 0), written straight into page-locked memory when ``pin``: the batch a CUDA
+    run copies with ``non_blocking=True``, without a second copy into a pinned buffer."""
+    if not pin:
+        return t.index_select(0, rows)
+    return torch.index_select(t, 0, rows, out=pinned_empty((len(rows), *t.shape[1:]), t.dtype))
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised page-locked CPU tensor (torch's caching host allocator reuses freed blocks, so a batch
+    of the same size costs no new allocation); needs CUDA."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def request_pinned(loader: Any) -> bool:
+    """Ask ``loader``, or the loader it wraps (``AugmentedLoader``, ``WithoutLabels``: ``.loader``), to yield
+    batches in page-locked memory: what the Trainer does on a CUDA device with ``train.pin_memory``. True
+    when one took it; a loader without a ``pin_memory`` attribute is left alone (the Trainer pins its batches
+    on the way to the device instead)."""
+    while loader is not None:
+        attrs = getattr(loader, "__dict__", {})
+        if "pin_memory" in attrs:
+            loader.pin_memory = True
+            return True
+        loader = attrs.get("loader")
+    return False
+
+
 class TensorLoader(_EpochLoader):
     """Batches of a :class:`Split`: ``Batch(views={"input": x}, index=ids, target=y, labeled=mask)``.
 
@@ -113,9 +149,10 @@ class TensorLoader(_EpochLoader):
     """
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 labeled_per_batch: int | None = None):
+                 labeled_per_batch: int | None = None, pin_memory: bool = False):
         super().__init__(len(split), batch_size, shuffle, seed, drop_last)
         self.split = split
+        self.pin_memory = pin_memory  # gather each batch straight into page-locked memory (CUDA runs)
         # a fully labelled split needs no mask per batch (Batch.labeled_mask() derives it from the targets)
         self._labeled = None if bool(split.labeled.all()) else split.labeled
         # composition applies only to a split with both kinds of row; a fully labelled or fully unlabelled
@@ -137,17 +174,17 @@ class TensorLoader(_EpochLoader):
                                 self.drop_last)[start:]
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        s, bs = self.split, self.batch_size
+        s, bs, pin = self.split, self.batch_size, self.pin_memory
         if self.labeled_per_batch is not None:
             for rows in self._composed(epoch, start):
-                pick = lambda t: t.index_select(0, rows)  # noqa: E731
+                pick = lambda t: gather(t, rows, pin)  # noqa: E731
                 yield Batch(views={INPUT: pick(s.x)}, index=pick(s.index), target=pick(s.y), labeled=pick(s.labeled))
             return
         pos = self._positions(epoch, start)
         for i in range(0, len(pos), bs):
-            if self.shuffle:  # index_select: about twice as fast as x[rows] on CPU
+            if self.shuffle or pin:  # index_select: about twice as fast as x[rows] on CPU
                 rows = pos[i : i + bs]
-                pick = lambda t: t.index_select(0, rows)  # noqa: E731
+                pick = lambda t: gather(t, rows, pin)  # noqa: E731
                 yield Batch(views={INPUT: pick(s.x)}, index=pick(s.index), target=pick(s.y),
                             labeled=None if self._labeled is None else pick(self._labeled))
             else:  # contiguous rows: slices are views, no copy
@@ -157,20 +194,30 @@ class TensorLoader(_EpochLoader):
                             labeled=None if self._labeled is None else self._labeled[sl])
 
 
-class _Indexed(Dataset):
-    """Prepends the dataset position to each item, so the batch knows its stable indices."""
+def item_seed(seed: int, epoch: int, position: int) -> int:
+    """The torch seed dataset item ``position`` is read under in epoch ``epoch`` (:class:`DatasetLoader`)."""
+    return (epoch_seed(seed, epoch) * 1_000_033 + int(position)) % 2**63
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+
+class _Indexed(Dataset):
+    """Prepends the dataset position to each item, so the batch knows its stable indices, and reads the item
+    under torch's RNG seeded by (seed, epoch, position), restored afterwards: a random per-item transform
+    draws the same values in any worker, with any number of workers, and after a resume."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
-        return i, self.dataset[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.seed, self.epoch, i))
+            return i, self.dataset[i]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
 
-def _collate(items: list[tuple[int, Sequence[Any]]]) -> Batch:
+def _collate(items: list[tuple[int, Sequence[Any]]]) -> dict[str, Any]:
+    """The fields of a :class:`Batch`, as a mapping (what DataLoader's pinning thread knows how to pin)."""
     index = torch.tensor([i for i, _ in items], dtype=torch.int64)
     first = items[0][1]
     if not isinstance(first, (tuple, list)) or len(first) < 2:
@@ -179,7 +226,7 @@ def _collate(items: list[tuple[int, Sequence[Any]]]) -> Batch:
     x, y = cols[0], torch.as_tensor(cols[1]).long()
     labeled = y != IGNORE_INDEX if y.ndim == 1 else None
     extras = {f"item_{k}": c for k, c in enumerate(cols[2:], start=2) if isinstance(c, Tensor)}
-    return Batch(views={INPUT: x}, index=index, target=y, labeled=labeled, extras=extras)
+    return {"views": {INPUT: x}, "index": index, "target": y, "labeled": labeled, "extras": extras}
 
 
 class DatasetLoader(_EpochLoader):
@@ -187,6 +234,12 @@ class DatasetLoader(_EpochLoader):
 
     ``y`` may be ``IGNORE_INDEX`` for an unlabelled sample (``labeled`` is then False). The stable index is
     the dataset position. Further tensor items land in ``Batch.extras`` as ``item_2``, ``item_3`` ...
+
+    This is the loader for data decoded per item (files read and transformed in ``__getitem__``), where
+    ``num_workers`` worker processes pay: each item is read under torch's RNG seeded by (seed, epoch,
+    position) (:func:`item_seed`), so the batches are the same with 0, 1 or N workers and after a resume
+    (transforms drawing from Python's ``random`` or numpy are not covered). ``pin_memory`` (set by the
+    Trainer on a CUDA device) pins each batch in DataLoader's pinning thread, off the training loop's path.
     """
 
     def __init__(
@@ -198,22 +251,27 @@ class DatasetLoader(_EpochLoader):
         seed: int = 0,
         drop_last: bool = False,
         num_workers: int = 0,
+        pin_memory: bool = False,
     ):
         super().__init__(len(dataset), batch_size, shuffle, seed, drop_last)  # type: ignore[arg-type]
-        self.dataset, self.num_workers = dataset, num_workers
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         pos = self._positions(epoch, start).tolist()
         batches = [pos[i : i + self.batch_size] for i in range(0, len(pos), self.batch_size)]
         loader = DataLoader(
-            _Indexed(self.dataset),
+            _Indexed(self.dataset, self.seed, epoch),
             batch_sampler=batches,
             collate_fn=_collate,
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             # DataLoader draws a worker base seed from this generator, or from the global RNG without one.
             generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)),
         )
-        yield from loader
+        for fields in loader:
+            yield Batch(**fields)
 
 
 def make_loader(data: Split | Dataset, batch_size: int, **kw: Any) -> TensorLoader | DatasetLoader:

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from alambic.errors import AlambicError
 from alambic.registry import MODELS
@@ -108,6 +109,8 @@ class Pool(nn.Module):
 class ViT(nn.Module):
     """Patch embedding, class token + position embeddings, pre-norm blocks, LayerNorm, pooling, head."""
 
+    checkpoint_blocks = False  # train.gradient_checkpointing: see gradient_checkpointing_enable
+
     def __init__(self, in_channels: int, hw: tuple[int, int], num_classes: int, patch_size: int = 4, dim: int = 32,
                  depth: int = 2, heads: int = 2, mlp_ratio: float = 2.0, pool: str = "cls", dropout: float = 0.0):
         super().__init__()
@@ -128,14 +131,21 @@ class ViT(nn.Module):
         self.pool = Pool(pool, self.use_cls)
         self.head = nn.Linear(dim, num_classes)
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Keep only each block's input while training and recompute the block in the backward pass
+        (``torch.utils.checkpoint``, non-reentrant: taps inside a block still carry gradients, and dropout
+        draws are replayed). Same gradients, less activation memory, about one more forward of compute."""
+        self.checkpoint_blocks = True
+
     def tokens(self, x: Tensor) -> Tensor:
         """[B, C, H, W] images -> [B, N, dim] tokens after the final LayerNorm."""
         t = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, patches, dim]
         if self.cls_token is not None:
             t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
         t = t + self.pos_embed
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            t = block(t)
+            t = checkpoint(block, t, use_reentrant=False) if recompute else block(t)
         return self.norm(t)
 
     def forward(self, x: Tensor) -> Tensor:

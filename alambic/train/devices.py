@@ -1,6 +1,7 @@
 """Where a run computes and in which precision: ``train.device``, ``teacher.device``, ``train.precision``.
 
-The loop moves each batch once per step (:meth:`Batch.to`), runs teacher, student and method loss under
+The loop moves each batch once per step (:func:`move_batch`; on CUDA, from page-locked memory with
+``non_blocking=True`` unless ``train.pin_memory: false``), runs teacher, student and method loss under
 ``torch.autocast(device_type, dtype)`` for ``bf16``/``fp16``, and backpropagates outside it; the losses in
 :mod:`alambic.losses` upcast their softmaxes to fp32 themselves, so a bf16 forward never takes a bf16
 softmax. ``fp16`` adds a :class:`torch.amp.GradScaler`, whose state the checkpoint keeps (resume is exact).
@@ -11,11 +12,13 @@ when loaded (``load_state_dict`` copies into the live tensors), so a CUDA checkp
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from alambic.data.batch import Batch
 from alambic.errors import AlambicError
 from alambic.teachers.base import ModelOutput
 
@@ -58,6 +61,30 @@ def check_precision(device: torch.device, precision: str) -> None:
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
     """fp16 only: a dynamic loss scale keeps small gradients from flushing to zero (bf16 has fp32's range)."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def pins(device: torch.device, pin_memory: bool) -> bool:
+    """Whether batches go to ``device`` from page-locked host memory (``train.pin_memory``): only a CUDA
+    device has a pinned-memory allocator and copies from it asynchronously."""
+    return bool(pin_memory) and device.type == "cuda"
+
+
+def move_batch(batch: Batch, device: torch.device, pin: bool = False) -> Batch:
+    """``batch`` on ``device``. With ``pin`` (:func:`pins`) each tensor is first in page-locked memory (a
+    loader that gathers into it already, such as a pinned :class:`~alambic.data.loader.TensorLoader`, costs
+    nothing here) and is copied with ``non_blocking=True``: the host goes on queueing work while the copy
+    runs, and CUDA orders the copy before the kernels that read it."""
+    if not pin:
+        return batch.to(device)
+
+    def move(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+    return replace(batch, views={k: move(v) for k, v in batch.views.items()}, index=move(batch.index),
+                   target=move(batch.target), labeled=move(batch.labeled),
+                   extras={k: move(v) for k, v in batch.extras.items()})
 
 
 def module_device(module: nn.Module) -> torch.device:

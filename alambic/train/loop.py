@@ -31,8 +31,10 @@ from alambic.teachers.frozen import model_outputs
 from alambic.train import distributed as dist
 from alambic.train import fsdp
 from alambic.train import state as st
-from alambic.train.devices import (autocast, check_precision, float_outputs, grad_scaler, move_outputs, place_teacher,
-                                   resolve_device)
+from alambic.data.loader import request_pinned
+from alambic.train.checkpointing import enable_gradient_checkpointing
+from alambic.train.devices import (autocast, check_precision, float_outputs, grad_scaler, move_batch, move_outputs,
+                                   pins, place_teacher, resolve_device)
 from alambic.train.metrics import MetricsLog
 from alambic.train.progress import training_progress
 from alambic.train.schedules import lr_schedule
@@ -94,6 +96,12 @@ class Trainer:
             place_teacher(teacher, resolve_device(str(teacher_device), "teacher.device")
                           if teacher_device is not None else self.device)
         self.scaler = grad_scaler(self.device, cfg.precision)
+        # train.pin_memory (CUDA only): the loader gathers batches into page-locked memory where it can
+        self.pin = pins(self.device, cfg.pin_memory)
+        if self.pin:
+            request_pinned(train_loader)
+        if cfg.gradient_checkpointing:  # train.gradient_checkpointing: alambic.train.checkpointing
+            enable_gradient_checkpointing(student)
         if cfg.sync_batchnorm and self.world.size > 1:  # global batch statistics (before taps hook the layers)
             convert_sync_batchnorm(student)
         self.forward_student = torch.compile(student) if cfg.compile else student
@@ -137,7 +145,7 @@ class Trainer:
             self.student.train()
         if not self.method.training:
             self.method.train()
-        batch = batch.to(self.device)  # once per step
+        batch = move_batch(batch, self.device, self.pin)  # once per step
         batch = self.method.prepare(batch, ctx)  # on-policy methods draw their completions here (gkd)
         rows_global = len(batch)
         share = 1.0  # N · this rank's share of the global batch: the mean over ranks is the global mean
@@ -194,6 +202,8 @@ class Trainer:
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.cfg.gradient_checkpointing and self.student_taps is not None:
+            self.student_taps.clear()  # the recomputation in backward fired the taps' hooks again
 
     def _forward(self, batch: Batch, ctx: StepContext):
         """Teacher outputs, student outputs, the method's loss: the top of the diagram. With bf16/fp16 the two

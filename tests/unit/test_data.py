@@ -313,6 +313,38 @@ def test_dataset_loader_with_workers_and_extras():
     assert all(torch.equal(b.extras["item_2"], b.index * 10) for b in a)
 
 
+class _NoisyItems(torch.utils.data.Dataset):
+    """Per-item work with a random transform (noise from torch's RNG), as a dataset that decodes and augments
+    files in ``__getitem__`` would do."""
+
+    def __len__(self) -> int:
+        return 11
+
+    def __getitem__(self, i):
+        return torch.full((3,), float(i)) + torch.rand(3), i % 2
+
+
+def test_dataset_loader_batches_are_the_same_with_or_without_workers():
+    """Items are read under torch's RNG seeded by (seed, epoch, position): a random per-item transform draws
+    the same values in the main process and in 2 workers, a resumed epoch yields the same tail, and the
+    caller's RNG is left as it was."""
+    state = torch.get_rng_state()
+    alone = list(DatasetLoader(_NoisyItems(), 4, seed=2).epoch(1))
+    assert torch.equal(torch.get_rng_state(), state)
+    workers = list(DatasetLoader(_NoisyItems(), 4, seed=2, num_workers=2).epoch(1))
+    assert ids(alone) == ids(workers) and len(alone) == 3
+    for a, w in zip(alone, workers):
+        assert torch.equal(a.input, w.input) and torch.equal(a.target, w.target)
+    assert (alone[0].input - alone[0].index[:, None]).std() > 0  # the noise is there, and differs per item
+    tail = list(DatasetLoader(_NoisyItems(), 4, seed=2).epoch(1, start=1))
+    assert all(torch.equal(a.input, t.input) for a, t in zip(alone[1:], tail))
+    other_epoch = list(DatasetLoader(_NoisyItems(), 4, seed=2, shuffle=False).epoch(2))
+    same_epoch = list(DatasetLoader(_NoisyItems(), 4, seed=2, shuffle=False).epoch(2))
+    again = list(DatasetLoader(_NoisyItems(), 4, seed=2, shuffle=False).epoch(1))
+    assert torch.equal(other_epoch[0].input, same_epoch[0].input)
+    assert not torch.equal(other_epoch[0].input, again[0].input)  # a fresh draw each epoch
+
+
 def test_make_loader_dispatches():
     s = small_split()
     assert isinstance(make_loader(s, 4), TensorLoader)
