@@ -147,8 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     tk.add_argument("overrides", nargs="*", metavar="key.path=value")
     tk.add_argument("--out", type=Path, default=None, help="cache folder (default: the recipe's teacher.topk.dir)")
     tk.add_argument("--k", type=int, default=None, help="log-probs per token (default: teacher.topk.k, else 64)")
-    tk.add_argument("--tail", choices=["bucket", "renormalize"], default=None,
-                    help="tail policy (default: teacher.topk.tail, else bucket)")
+    tk.add_argument("--tail", choices=["bucket", "renormalize", "sample"], default=None,
+                    help="tail policy (default: teacher.topk.tail, else bucket); sample: --k tokens drawn from the "
+                         "teacher per position (unbiased forward KL)")
+    tk.add_argument("--seed", type=int, default=None, help="--tail sample: the draws' seed (default: "
+                    "teacher.topk.seed, else 0)")
+    tk.add_argument("--temperature", type=float, default=None, help="--tail sample: the teacher temperature of "
+                    "the draws (default: teacher.topk.temperature, else 1)")
     tk.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                     help="log-prob storage (default: teacher.topk.value_dtype, else float16)")
     tk.add_argument("--batch-size", type=int, default=8, help="samples per teacher forward")
@@ -165,7 +170,8 @@ def _cache_logits(args) -> int:
 
     report = cache_logits_for_recipe(load_recipe(args.recipe, args.overrides), args.out, k=args.k, tail=args.tail,
                                      value_dtype=args.dtype, batch_size=args.batch_size,
-                                     shard_samples=args.shard_samples, rebuild=args.rebuild, quiet=args.quiet)
+                                     shard_samples=args.shard_samples, rebuild=args.rebuild, quiet=args.quiet,
+                                     seed=args.seed, temperature=args.temperature)
     print(f"top-k cache {report.folder}: {report.tokens:,} tokens, {report.bytes:,} bytes, "
           f"{report.bytes_per_token:.1f} B/token ({report.shards_written} shards written, "
           f"{report.shards_reused} reused)")

@@ -100,8 +100,21 @@ class TokenKD(Method):
     def sparse_divergence(self, student_logits: torch.Tensor, sparse: SparseLogits, mask: torch.Tensor,
                           num_tokens: int | None = None) -> torch.Tensor:
         """The configured divergence against a cached teacher's top-k (``teacher.cache: topk``), with the
-        cache's tail policy (:mod:`alambic.losses.sparse_sequence`); ``student_logits`` cut to its vocabulary."""
+        cache's tail policy (:mod:`alambic.losses.sparse_sequence`); ``student_logits`` cut to its vocabulary.
+        A sampled cache (tail ``sample``) gives the forward KL only, at the temperature it was drawn at."""
         cfg = self.config
+        if sparse.tail == "sample":  # sampled teacher targets (RS-KD): an unbiased forward KL and nothing else
+            if cfg.divergence != "forward_kl":
+                raise AlambicError(f"token_kd: divergence {cfg.divergence} cannot be estimated from sampled teacher "
+                                   "targets (cache tail 'sample' gives the forward KL only): use forward_kl, or a "
+                                   "top-k cache (tail bucket or renormalize)")
+            if cfg.temperature != sparse.temperature:
+                raise AlambicError(f"token_kd: temperature {cfg.temperature:g} differs from the {sparse.temperature:g} "
+                                   "the cached teacher tokens were drawn at (teacher.topk.temperature)")
+            return sparse_seq.sparse_forward_kl(student_logits, sparse.ids, sparse.logprobs, mask & sparse.mask,
+                                                tail="sample", weights=sparse.weights, temperature=cfg.temperature,
+                                                scale_t2=cfg.scale_t2, num_tokens=num_tokens,
+                                                chunk_size=cfg.chunk_size)
         extra = {"beta": cfg.beta} if cfg.divergence == "generalized_jsd" else (
             {"alpha": cfg.alpha} if cfg.divergence in ("skew_kl", "skew_reverse_kl") else {})
         fn = getattr(sparse_seq, f"sparse_{cfg.divergence}")

@@ -102,14 +102,28 @@ class TransferSpec(Strict):
 class TopKSpec(Strict):
     """``teacher.topk``: an offline top-k cache of a language teacher (:mod:`alambic.teachers.topk`)."""
 
-    k: int = Field(64, ge=1, description="log-probs kept per token (k = vocabulary size: the dense loss exactly)")
-    tail: Literal["bucket", "renormalize"] = Field(
+    k: int = Field(64, ge=1, description="log-probs kept per token (k = vocabulary size: the dense loss exactly); "
+                   "tail: sample: the draws N per token")
+    tail: Literal["bucket", "renormalize", "sample"] = Field(
         "bucket", description="bucket: a (k+1)-th 'other tokens' outcome on both sides; renormalize: both sides "
-        "restricted to the teacher's k ids and renormalised")
+        "restricted to the teacher's k ids and renormalised (both biased: the tail is lost); sample: k tokens drawn "
+        "from the teacher per position, kept with their counts (Random Sampling KD, arXiv:2503.16870): an unbiased "
+        "forward KL, and forward_kl only")
+    seed: int = Field(0, ge=0, lt=2**63, description="tail: sample: the draws' seed (each position's draw is a "
+                      "pure function of seed, sample id and position)")
+    temperature: float = Field(1.0, gt=0, description="tail: sample: the teacher temperature the tokens are drawn "
+                               "at; must equal the method's loss temperature")
     value_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="log-prob storage (float16: relative rounding <= 2^-11; float32: exact)")
     dir: Path | None = Field(None, description="the cache folder (`alambic cache-logits` writes it); None: "
                              "$ALAMBIC_CACHE/teachers/topk/<teacher>-<data>-k<k>-<tail>, written on first use")
+
+    @model_validator(mode="after")
+    def _sample_only(self) -> "TopKSpec":
+        if self.tail != "sample" and self.temperature != 1.0:
+            raise ValueError(f"temperature ({self.temperature:g}) is for tail: sample (the draws' temperature); a "
+                             f"top-k cache (tail: {self.tail}) stores the teacher at temperature 1")
+        return self
 
 
 class TeacherSpec(Strict):
@@ -281,6 +295,24 @@ class Recipe(Strict):
     def _teacher_or_teachers(self) -> "Recipe":
         if self.teacher is not None and self.teachers is not None:
             raise ValueError("give teacher or teachers, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _sampled_targets_are_forward_kl(self) -> "Recipe":
+        """A sample cache (teacher.topk.tail: sample) estimates the forward KL at its own temperature only."""
+        topk = self.teacher.topk if self.teacher is not None else None
+        if topk is None or topk.tail != "sample":
+            return self
+        options = self.method.raw_options()
+        divergence = options.get("divergence", "forward_kl")
+        if divergence != "forward_kl":
+            raise ValueError(f"method.divergence: {divergence} cannot be estimated from sampled teacher targets "
+                             "(teacher.topk.tail: sample gives the forward KL only); use divergence: forward_kl or "
+                             "tail: bucket or renormalize")
+        temperature = options.get("temperature", 1.0)
+        if isinstance(temperature, (int, float)) and float(temperature) != topk.temperature:
+            raise ValueError(f"method.temperature ({temperature}) differs from teacher.topk.temperature "
+                             f"({topk.temperature:g}), the temperature the cached tokens were drawn at")
         return self
 
     def teacher_specs(self) -> list[TeacherSpec]:
