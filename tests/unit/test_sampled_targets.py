@@ -368,3 +368,31 @@ def test_token_kd_trains_from_a_sampled_cache_on_the_tiny_lm(tmp_path):
     assert live < 0.8 * untrained, (live, untrained)
     # measured: untrained 0.041, live 0.0084, sampled 0.0125 nats per token (the draws' noise costs a little)
     assert sampled < live + 0.3 * (untrained - live), (sampled, live, untrained)
+
+
+def test_cache_logits_writes_a_sampled_cache_that_a_recipe_with_the_same_seed_reads(tmp_path, capsys):
+    import yaml
+
+    from alambic.cli import main
+    from alambic.models.causal_lm import write_tiny_lm
+    from alambic.recipe import load_recipe
+    from alambic.teachers.topk import cache_logits_for_recipe
+
+    lm = write_tiny_lm(tmp_path / "lm", steps=0)
+    recipe = {"name": "t", "data": {"name": "text", "path": str(lm / "corpus.txt"), "format": "plain",
+                                    "unit": "line", "max_length": 16, "max_examples": 20, "val_fraction": 0.1,
+                                    "test_fraction": 0.1},
+              "teacher": {"hf": str(lm), "cache": "topk",
+                          "topk": {"k": 16, "tail": "sample", "seed": 3, "dir": str(tmp_path / "c")}},
+              "student": {"arch": "prune", "keep": [0]}, "method": {"name": "token_kd"}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["cache-logits", str(path), "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert (manifest["tail"], manifest["k"], manifest["seed"], manifest["temperature"]) == ("sample", 16, 3, 1.0)
+    capsys.readouterr()
+    assert main(["cache-logits", str(path), "--seed", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "seed: cache 3, wanted 4" in err and "--rebuild" in err
+    again = cache_logits_for_recipe(load_recipe(recipe), quiet=True)  # the recipe's own seed: nothing to redo
+    assert again.shards_written == 0 and again.shards_reused == 1
