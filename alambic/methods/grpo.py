@@ -163,11 +163,17 @@ class GRPO(Method):
     def prepare(self, batch: Batch, ctx: StepContext) -> Batch:
         """The batch's B prompts, each followed by G sampled completions ([B·G] rows, group by group), with
         their rewards and group advantages in ``extras``."""
+        prompts = prompt_rows(batch)
+        comp, rewards = self.sample_group(prompts, batch.index.tolist(), ctx)
+        return self.group_batch(prompts, batch.index, comp, rewards)
+
+    def sample_group(self, prompts: list[list[int]], ids: list[int], ctx: StepContext) -> tuple[Any, torch.Tensor]:
+        """G completions of each of the B ``prompts`` (sample ids ``ids``), drawn by the policy with the keys
+        (seed, step, id, g), and their [B, G] checker rewards. Returns (:class:`Completions` of the B·G rows,
+        group by group, rewards)."""
         if not self._student:
             raise AlambicError(f"{self._name()}: prepare() before setup(): the method does not know the student")
         cfg, G = self.config, self.config.group_size
-        prompts = prompt_rows(batch)
-        ids = batch.index.tolist()
         rows = [p for p in prompts for _ in range(G)]
         keys = [group_sample_id(i, g) for i in ids for g in range(G)]
         comp = sample(self._student[0], rows, max_new_tokens=cfg.max_new_tokens,
@@ -175,16 +181,23 @@ class GRPO(Method):
                       sample_ids=keys, eos_id=self.eos_id, pad_id=self.pad_id, vocab_size=self.shared_vocab)
         texts = [self.tokenizer.decode(comp.row(r), skip_special_tokens=True) for r in range(len(rows))]
         rewards = self.rewards(ids, [texts[b * G:(b + 1) * G] for b in range(len(ids))])
-        adv = group_advantages(rewards, scale_std=cfg.scale_std)
         self.last_samples = [{"id": ids[b], "completion": texts[b * G], "reward": float(rewards[b, 0])}
                              for b in range(min(4, len(ids)))]
+        return comp, rewards
+
+    def group_batch(self, prompts: list[list[int]], index: torch.Tensor, comp: Any, rewards: torch.Tensor) -> Batch:
+        """The [B·G] training rows ``prompts[b] + completion`` (whichever context drew the completions), with
+        the rewards, group advantages and the step's statistics in ``extras``, on ``index``'s device."""
+        G, ids = self.config.group_size, index.tolist()
+        adv = group_advantages(rewards, scale_std=self.config.scale_std)
+        rows = [p for p in prompts for _ in range(G)]
         out = collate([TokenizedExample(tuple(p + comp.row(r, with_eos=True)), len(p)) for r, p in enumerate(rows)],
                       [i for i in ids for _ in range(G)], self.pad_id)
         n = len(rows)
         stats = {"reward": rewards.mean(), "reward_std": rewards.std(1, correction=0).mean(),
                  "zero_var": (rewards.amax(1) == rewards.amin(1)).float().mean(),
                  "gen_len": comp.lengths.float().mean().cpu()}
-        device = batch.index.device
+        device = index.device
         extras = {ATTENTION_MASK: out.extras[ATTENTION_MASK], ADVANTAGES: adv.reshape(n),
                   REWARDS: rewards.reshape(n), **{k: v.expand(n).clone() for k, v in stats.items()}}
         return Batch(views={TOKENS: out.views[TOKENS].to(device)}, index=out.index.to(device),
@@ -215,12 +228,19 @@ class GRPO(Method):
         anchor, extra = self.anchor(logp.detach(), teacher, tokens, mask)
         out = clipped_policy_loss(logp, anchor, batch.extras[ADVANTAGES], mask, eps_low=cfg.eps_low,
                                   eps_high=cfg.eps_high, aggregation=cfg.aggregation, max_length=cfg.max_new_tokens)
-        rows = mask.any(1)
-        adv_abs = batch.extras[ADVANTAGES].abs()[rows].mean() if bool(rows.any()) else logp.new_zeros(())
-        monitors = {k: batch.extras[k].float().mean() for k in _STEP_STATS}
-        monitors.update(adv_abs=adv_abs, ratio=out.ratio_mean, clip_low=out.clip_low_fraction,
-                        clip_high=out.clip_high_fraction, approx_kl=out.approx_kl, **extra)
+        monitors = self.step_monitors(batch, mask)
+        monitors.update(ratio=out.ratio_mean, clip_low=out.clip_low_fraction, clip_high=out.clip_high_fraction,
+                        approx_kl=out.approx_kl, **extra)
         return MethodOutput(out.loss, {"policy": out.loss.detach()}, student[TOKENS].logits, monitors=monitors)
+
+    def step_monitors(self, batch: Batch, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step's reward statistics (set by :meth:`group_batch`) and ``adv_abs``, the mean |advantage| of
+        the rows with a completion token (``mask`` [B, T])."""
+        rows = mask.any(1)
+        adv = batch.extras[ADVANTAGES]
+        monitors = {k: batch.extras[k].float().mean() for k in _STEP_STATS}
+        monitors["adv_abs"] = adv.abs()[rows].mean() if bool(rows.any()) else adv.new_zeros(())
+        return monitors
 
 
 @METHODS.register("trrd")
