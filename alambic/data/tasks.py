@@ -9,12 +9,14 @@ answer of every row the loader yields with that id.
 - ``data: {name: arithmetic, n: 512, kinds: [add], digits: [1, 2], seed: 0}``: generated problems
   (:func:`~alambic.tasks.arithmetic.generate_arithmetic`; a list means equal weights, a mapping gives them);
 - ``data: {name: tasks, path: problems.jsonl, checker: integer}``: rows ``{prompt, answer[, solution]}``
-  with a user checker ``pkg.mod:fn`` (imported: name only code you trust).
+  with a user checker ``pkg.mod:fn`` (imported: name only code you trust); ``fields: [hint]`` carries more
+  string columns of each row along (``TaskExample.fields``: privileged information for ``pi_distill``/``opsd``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +34,18 @@ __all__ = ["ArithmeticDataConfig", "TaskExample", "TasksDataConfig", "task_examp
 
 @dataclass(frozen=True)
 class TaskExample(TextExample):
-    """A text example that is a verifiable problem: ``answer`` for the checker named ``checker``."""
+    """A text example that is a verifiable problem: ``answer`` for the checker named ``checker``; ``fields``:
+    the row's other string columns that ``data.fields`` asked for (a ``hint``, ...)."""
 
     answer: str = ""
     checker: str = "integer"
+    fields: Mapping[str, str] = field(default_factory=dict)
 
 
-def task_example(problem: Problem, checker: str = "integer") -> TaskExample:
+def task_example(problem: Problem, checker: str = "integer", fields: tuple[str, ...] = ()) -> TaskExample:
     """The problem as text: the prompt, then (the loss's part) its solution, or its bare answer without one."""
-    return TaskExample(problem.prompt, problem.solution or problem.answer, problem.answer, checker)
+    return TaskExample(problem.prompt, problem.solution or problem.answer, problem.answer, checker,
+                       {k: problem.meta[k] for k in fields})
 
 
 class ArithmeticDataConfig(BaseModel):
@@ -86,6 +91,8 @@ class TasksDataConfig(BaseModel):
     solution_key: str | None = Field("solution", description="the worked solution's key (the completion SFT "
                                      "and perplexity read; without one, the bare answer)")
     max_length: int = Field(256, ge=2, description="tokens per example at most")
+    fields: list[str] = Field([], description="more string keys every row holds, carried with the problem (e.g. "
+                              "hint: privileged information for pi_distill and opsd)")
 
 
 def _table(v) -> dict:
@@ -106,5 +113,6 @@ def read_arithmetic(cfg: ArithmeticDataConfig, tokenizer: Any) -> list[TaskExamp
                    description="a JSONL of (prompt, answer) problems with a checker (a verifiable task)")
 def read_tasks(cfg: TasksDataConfig, tokenizer: Any) -> list[TaskExample]:
     load_checker(cfg.checker)  # fails now, with its one line, rather than at the first reward
-    problems = read_problems_jsonl(cfg.path, cfg.prompt_key, cfg.answer_key, solution_key=cfg.solution_key)
-    return [task_example(p, cfg.checker) for p in problems]
+    problems = read_problems_jsonl(cfg.path, cfg.prompt_key, cfg.answer_key, solution_key=cfg.solution_key,
+                                   extra_keys=cfg.fields)
+    return [task_example(p, cfg.checker, tuple(cfg.fields)) for p in problems]

@@ -183,11 +183,14 @@ def load_checker(spec: str) -> Checker:
 
 
 def read_problems_jsonl(path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer",
-                        id_key: str | None = None, solution_key: str | None = None) -> list[Problem]:
+                        id_key: str | None = None, solution_key: str | None = None,
+                        extra_keys: Sequence[str] = ()) -> list[Problem]:
     """Problems of a JSONL file whose rows hold ``{prompt_key: str, answer_key: str | int}``.
 
     The id is the row's ``id_key`` field when given, else :func:`problem_id` of prompt and answer. Two rows
     with the same id are an error (one problem on both sides of a held-out split would inflate accuracy).
+    Each of ``extra_keys`` (e.g. ``hint``: privileged information for pi-Distill / OPSD) must be a string in
+    every row (it may be empty) and is kept in the problem's ``meta``.
     """
     from alambic.data.text import TextDataError, _jsonl_rows
 
@@ -215,7 +218,14 @@ def read_problems_jsonl(path: str | Path, prompt_key: str = "prompt", answer_key
         solution = row.get(solution_key, "") if solution_key else ""
         if not isinstance(solution, str):
             raise TaskError(f"{path}:{line_no}: '{solution_key}' must be a string")
-        out.append(Problem(pid, prompt, answer, solution, {"line": line_no}))
+        meta: dict[str, Any] = {"line": line_no}
+        for key in extra_keys:
+            if key not in row:
+                raise TaskError(f"{path}:{line_no}: the row has no '{key}' (data.fields asks every row for it)")
+            if not isinstance(row[key], str):
+                raise TaskError(f"{path}:{line_no}: '{key}' must be a string, got {type(row[key]).__name__}")
+            meta[key] = row[key]
+        out.append(Problem(pid, prompt, answer, solution, meta))
     return out
 
 

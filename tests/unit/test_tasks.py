@@ -157,6 +157,19 @@ def test_read_problems_jsonl(tmp_path):
     assert read_problems_jsonl(with_ids, "q", "a", id_key="id")[0].id == "17"
 
 
+def test_read_problems_jsonl_carries_the_extra_string_fields_asked_for(tmp_path):
+    path = tmp_path / "hints.jsonl"
+    path.write_text(json.dumps({"prompt": "2+2?", "answer": 4, "hint": "double 2", "note": "n"}) + "\n"
+                    + json.dumps({"prompt": "3+3?", "answer": 6, "hint": ""}) + "\n")
+    problems = read_problems_jsonl(path, extra_keys=["hint"])
+    assert [p.meta["hint"] for p in problems] == ["double 2", ""] and "note" not in problems[0].meta
+    with pytest.raises(TaskError, match=r"hints.jsonl:2: the row has no 'note'"):
+        read_problems_jsonl(path, extra_keys=["hint", "note"])
+    path.write_text(json.dumps({"prompt": "2+2?", "answer": 4, "hint": 4}) + "\n")
+    with pytest.raises(TaskError, match=r"hints.jsonl:1: 'hint' must be a string, got int"):
+        read_problems_jsonl(path, extra_keys=["hint"])
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "a", "answer": "1"}\n{"prompt": "a", "answer": "1"}\n', "repeats line 1"),
     ('{"prompt": "a"}\n', "expected a non-empty string 'prompt'"),
