@@ -4,7 +4,8 @@ Pure tensor functions. KRR-ST (Lee et al. 2024) fits a linear head by kernel rid
 synthetic set's features to its learnable target representations and asks that head to predict the
 teacher's representations of real data; the gradient of that error moves the synthetic images (through
 their features) and the synthetic targets. The real side (features of real images, teacher targets) is a
-constant.
+constant. DM (Zhao & Bilen 2023) matches, class by class, the mean embedding of real and synthetic images
+under randomly drawn networks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from alambic.errors import AlambicError, ShapeMismatchError
 
-__all__ = ["krr_predict", "krr_st_loss"]
+__all__ = ["distribution_matching_loss", "krr_predict", "krr_st_loss"]
 
 
 def _with_bias(features: Tensor) -> Tensor:
@@ -85,3 +86,37 @@ def krr_st_loss(features_syn: Tensor, targets_syn: Tensor, features_real: Tensor
             f"krr_st_loss: targets_real must be [n, k] = {tuple(pred.shape)}, got {tuple(targets_real.shape)}"
         )
     return F.mse_loss(pred, targets_real.detach().to(pred.dtype))
+
+
+def distribution_matching_loss(emb_real: Tensor, labels_real: Tensor, emb_syn: Tensor, labels_syn: Tensor) -> Tensor:
+    """DM's loss: ``Σ_c ‖ mean_{i: y_i = c} ψ(x_i) − mean_{j: y'_j = c} ψ(s_j) ‖²`` over the classes present on
+    both sides.
+
+    Zhao & Bilen, "Dataset Condensation with Distribution Matching" (DM), WACV 2023, arXiv:2110.04181, §3.2
+    and Algorithm 1: the maximum mean discrepancy with a linear kernel between the real and the synthetic
+    images of each class, in the embedding ψ_θ of a randomly initialised network (θ drawn anew every
+    iteration), summed over classes (the official code adds ``sum((mean(out_real, 0) − mean(out_syn, 0))²)``
+    class by class). The real embeddings are constants (computed without gradient by the caller, or
+    detached here); the gradient reaches the synthetic embeddings.
+
+    Args:
+        emb_real: ψ(x) [n, d] of real images; labels_real: [n] int64 classes.
+        emb_syn: ψ(s) [m, d] of synthetic images, with gradient; labels_syn: [m] int64 classes.
+    Returns: scalar.
+    """
+    if emb_real.dim() != 2 or emb_syn.dim() != 2 or emb_real.shape[1] != emb_syn.shape[1] \
+            or labels_real.shape != (emb_real.shape[0],) or labels_syn.shape != (emb_syn.shape[0],):
+        raise ShapeMismatchError(
+            f"distribution_matching_loss: want emb_real [n, d], labels_real [n], emb_syn [m, d], labels_syn [m]; "
+            f"got {tuple(emb_real.shape)}, {tuple(labels_real.shape)}, {tuple(emb_syn.shape)}, "
+            f"{tuple(labels_syn.shape)}"
+        )
+    loss = emb_syn.new_zeros(())
+    real = emb_real.detach()
+    for c in torch.unique(labels_syn).tolist():
+        in_real = labels_real == c
+        if not bool(in_real.any()):
+            continue
+        diff = real[in_real].mean(0) - emb_syn[labels_syn == c].mean(0)
+        loss = loss + (diff * diff).sum()
+    return loss
