@@ -13,6 +13,7 @@ from alambic.data.splits import (
 from alambic.data.glyphs import GlyphsConfig, load_glyphs  # noqa: E402  (registers "glyphs")
 from alambic.data import text_build as _text_build  # noqa: E402,F401  (registers "text")
 from alambic.data import tasks as _tasks  # noqa: E402,F401  (registers "arithmetic", "tasks")
+from alambic.data import glyph_outlines as _glyph_outlines  # noqa: E402,F401  (registers "glyph_outlines")
 
 __all__ = [
     "IGNORE_INDEX",

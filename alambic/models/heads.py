@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from alambic.errors import AlambicError
 from alambic.models.taps import Taps, resolve_module
 
-DEFAULT_FEATURES = {"mlp": "body", "cnn": "pool", "vit": "pool"}
+DEFAULT_FEATURES = {"mlp": "body", "cnn": "pool", "vit": "pool", "pointnet": "pool"}
 """The representation of each zoo architecture: the input of its classifier ``head``."""
 
 DEFAULT_TOKENS = {"vit": "norm"}
