@@ -141,6 +141,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="delete these kinds (glyphs, probes, teachers; none named: all): they are rebuilt on use")
     c.set_defaults(func=_cache)
 
+    dd = sub.add_parser("distill-data", help="distil a small training set (KRR-ST, DM, herding, random) into a "
+                                              "folder: set.safetensors + manifest.json (resumable)")
+    dd.add_argument("recipe", type=Path)
+    dd.add_argument("overrides", nargs="*", metavar="key.path=value")
+    dd.add_argument("--out", type=Path, required=True, help="the set's folder")
+    dd.add_argument("--resume", action="store_true", help="continue (or re-use) the distillation in --out")
+    dd.add_argument("--quiet", action="store_true", help="no progress lines")
+    dd.set_defaults(func=_distill_data)
+
     tk = sub.add_parser("cache-logits", help="a language recipe's teacher top-k log-probs over its training split, "
                                              "once (resumable), for teacher.cache: topk")
     tk.add_argument("recipe", type=Path)
@@ -162,6 +171,22 @@ def _parser() -> argparse.ArgumentParser:
     tk.add_argument("--quiet", action="store_true", help="no progress lines")
     tk.set_defaults(func=_cache_logits)
     return p
+
+
+def _distill_data(args) -> int:
+    from alambic.distill_data import distill_data, load_distill_recipe
+
+    try:
+        manifest = distill_data(load_distill_recipe(args.recipe, args.overrides), args.out, resume=args.resume,
+                                progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: alambic distill-data {args.recipe} --out {args.out} --resume (its last "
+              "checkpoint is kept)", file=sys.stderr)
+        return 130
+    labels = "labelled" if manifest["shapes"].get("labels") else "unlabelled"
+    print(f"wrote {args.out}: {manifest['size']} {labels} images by {manifest['method']} "
+          f"({manifest['images_per_class']} per class), digest in {args.out / 'manifest.json'}")
+    return 0
 
 
 def _cache_logits(args) -> int:

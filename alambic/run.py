@@ -131,6 +131,10 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBund
         return run_language(recipe, out, resume, progress, callbacks)
     torch.set_num_threads(cpu_threads(recipe.train.threads))
     data = data if data is not None else build_data(recipe.data)
+    real = data  # probes fit on the real labelled training split, whatever the student trains on
+    if recipe.data.distilled is not None:  # a set from `alambic distill-data` replaces the training split
+        from alambic.distill_data import train_on_set
+        data = train_on_set(data, recipe.data.distilled)
     seed_everything(recipe.seed)
     student = build_model(recipe.student, data.input_shape, data.num_classes, what="student")
     method_cls: type[Method] = METHODS.get(recipe.method.name).obj
@@ -170,7 +174,7 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBund
     feature = representation_path(net, method, recipe)
     probe_every = ev.probe_every if ev.probe_every is not None else (max(1, total_steps // 10) if ssl else 0)
     if probe_every and feature is not None and world.is_main:
-        callbacks.append(ProbeCallback(data, feature, probe_every, k=ev.knn_k, temperature=ev.knn_temperature,
+        callbacks.append(ProbeCallback(real, feature, probe_every, k=ev.knn_k, temperature=ev.knn_temperature,
                                        max_train=ev.probe_train_samples, batch_size=ev.batch_size))
     watch = CollapseWatch() if ssl and world.is_main else None
     if watch is not None:
@@ -199,7 +203,7 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBund
     if recipe.views is not None:  # the view plan: which views each side saw
         fit_info["views"] = {"student": list(method.student_views), "teacher": list(method.teacher_views)}
     if ssl:
-        return finish_representation(out, recipe, data, student, feature, teacher, fit_info,
+        return finish_representation(out, recipe, real, student, feature, teacher, fit_info,
                                      warnings=watch.warnings if watch is not None else [],
                                      teacher_feature=getattr(method.config, "teacher_feature", None))
     method.tune_on_validation(student, data.val.x, data.val.y)
@@ -616,6 +620,9 @@ def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None
     to a frozen network.
     """
     trust = getattr(spec, "trust_code", False)
+    if spec.distilled is not None:
+        from alambic.distill_data import SetTargetsTeacher
+        return SetTargetsTeacher.from_folder(spec.distilled)
     if spec.ema is not None:
         if student is None:
             raise AlambicError("an EMA teacher needs the student it averages")

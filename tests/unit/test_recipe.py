@@ -117,6 +117,14 @@ def test_every_recipe_in_the_repository_validates():
     assert len(files) >= 5
     for path in files:
         data = yaml.safe_load(path.read_text())
+        if "distill" in data:  # a data-distillation recipe (alambic distill-data), not a run's
+            from alambic.distill_data import load_distill_recipe
+
+            try:
+                load_distill_recipe(data, files=False)
+            except Exception as exc:
+                raise AssertionError(f"{path}: {exc}") from None
+            continue
         # recipes point at teacher runs made earlier: validate their shape, not their presence
         if "run" in data.get("teacher", {}):
             data["teacher"] = {"model": {"arch": "mlp"}}
