@@ -44,6 +44,7 @@ from alambic.data import sources as _sources  # noqa: F401  (registers datasets)
 from alambic.cache_dir import cache_dir
 from alambic.data.batch import INPUT
 from alambic.data.loader import WithoutLabels, make_loader
+from alambic.data.paired import PairedLoader, paired_data
 from alambic.data.views import AugmentedLoader, ViewMaker
 from alambic.data.splits import DataBundle, Split, build_data
 from alambic.errors import AlambicError, OutDirError, RecipeError, RunDirError, ShapeMismatchError, WriteError
@@ -149,9 +150,12 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBund
         if composed is None:
             _hint_composed_batches(train, recipe.train.batch_size)
     loader = make_loader(train, recipe.train.batch_size, shuffle=True, seed=recipe.seed, labeled_per_batch=composed)
+    paired = paired_data(recipe.data) if method_cls.paired else None
+    if paired is not None:  # the dataset's other modalities and pairings, looked up by sample index
+        loader = PairedLoader(loader, paired)
     if ssl:  # labels never reach a self-supervised method; the probes read them from `data`
         loader = WithoutLabels(loader)
-    views = [INPUT]
+    views = [INPUT, *(paired.views if paired is not None else [])]
     if recipe.views is not None:
         maker = ViewMaker(recipe.views, data.input_shape)
         loader = AugmentedLoader(loader, maker, seed=recipe.seed)
@@ -162,7 +166,8 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBund
     total_steps = recipe.train.plan(len(loader))[1]
     if teacher is None and recipe.teacher_specs():
         specs = recipe.teacher_specs()
-        built = [build_teacher(t, data, net, total_steps, len(loader)) for t in specs]
+        seen = paired.shape(method.teacher_views[0]) if paired is not None else None  # a cross-modal teacher
+        built = [build_teacher(t, data, net, total_steps, len(loader), input_shape=seen) for t in specs]
         teacher = built[0] if recipe.teacher is not None else TeacherEnsemble(built)
     ev = recipe.eval
 
@@ -611,13 +616,14 @@ def fit_within_memory(trainer: Trainer, resume: bool, batch_size: int):
 
 
 def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None = None,
-                  total_steps: int = 0, steps_per_epoch: int = 1) -> Teacher:
+                  total_steps: int = 0, steps_per_epoch: int = 1, input_shape: tuple[int, ...] | None = None) -> Teacher:
     """The teacher a recipe's teacher section describes (an EMA teacher copies ``student``).
 
     A run directory (``run``, ``transfer.run``) whose student is a user factory (``arch: module``) is loaded
     only with ``trust_code: true`` (see :func:`alambic.student.load_student`). An estimator teacher is fit
     here, once, on the labelled training samples; it never changes afterwards, so ``cache`` applies to it as
-    to a frozen network.
+    to a frozen network. ``input_shape``: what a cross-modal teacher sees (a paired view, not the student's
+    input); its classes are then not compared with the data's.
     """
     trust = getattr(spec, "trust_code", False)
     if spec.distilled is not None:
@@ -631,15 +637,16 @@ def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None
     if spec.transfer is not None:
         t = spec.transfer
         source, meta = _classifier_run(t.run, "teacher.transfer.run", trust)
-        _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.transfer.run {t.run}")
+        _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.transfer.run {t.run}",
+                          input_shape)
         return TransferTeacher(source, t.momentum, t.end_momentum, total_steps,
                                every=steps_per_epoch if t.update == "epoch" else 1, name_map=t.name_map, skip=t.skip)
     if spec.run is not None:
         model, meta = _classifier_run(spec.run, "teacher.run", trust)
-        _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.run {spec.run}")
+        _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.run {spec.run}", input_shape)
         return _maybe_cached(FrozenTeacher(model), spec, data)
     if spec.model is not None:
-        model = build_model(spec.model, data.input_shape, data.num_classes, what="teacher.model")
+        model = build_model(spec.model, input_shape or data.input_shape, data.num_classes, what="teacher.model")
         if spec.weights is not None:
             load_weights(model, spec.weights)
         return _maybe_cached(FrozenTeacher(model), spec, data)
@@ -714,7 +721,15 @@ def _classifier_run(run_dir: Path, what: str, trust: bool) -> tuple[nn.Module, d
     return load_student(run_dir, trust_code=trust)
 
 
-def _check_compatible(num_classes: int, input_shape: tuple[int, ...], data: DataBundle, what: str) -> None:
+def _check_compatible(num_classes: int, input_shape: tuple[int, ...], data: DataBundle, what: str,
+                      seen: tuple[int, ...] | None = None) -> None:
+    """The teacher's inputs must be the data's (``seen``: the paired view a cross-modal teacher sees instead,
+    whatever its classes) and, unless cross-modal, its classes the data's."""
+    if seen is not None:
+        if tuple(input_shape) != tuple(seen):
+            raise ShapeMismatchError(f"{what}: the teacher takes inputs {list(input_shape)}, but the paired view it "
+                                     f"sees has samples of shape {list(seen)}")
+        return
     if num_classes != data.num_classes or tuple(input_shape) != tuple(data.input_shape):
         raise ShapeMismatchError(
             f"{what}: the teacher takes inputs {list(input_shape)} and predicts {num_classes} classes, "

@@ -76,6 +76,9 @@ class Method(nn.Module):
     # across ranks, so a run on several processes is refused rather than silently different
     distributed_safe: ClassVar[bool] = True
     modality: ClassVar[str] = "tensor"  # "text": a language method, its run assembled by alambic.language_run
+    # True: the method reads paired modalities (alambic.data.paired): the run adds the dataset's paired views and
+    # pairings to every batch, and the teacher is checked against the view it sees, not the student's input
+    paired: ClassVar[bool] = False
     # True: under bf16/fp16 the loop hands the method the forwards' half-precision outputs as they are, and the
     # method's losses upcast to fp32 themselves (token_kd, gkd, seqkd: chunk by chunk), instead of the loop
     # casting every output to fp32 first (float_outputs), which copies a [B, T, V] logits tensor
