@@ -226,9 +226,12 @@ def _generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--max-tokens", type=int, default=None, help="drop completions longer than this")
     gen.add_argument("--keep-unfinished", action="store_true", help="keep completions cut at --max-new-tokens")
     gen.add_argument("--no-dedupe", dest="dedupe", action="store_false", help="keep exact duplicates")
-    gen.add_argument("--check", default=None, help="answer check: exact:FIELD, contains:FIELD or pkg.mod:fn")
+    gen.add_argument("--check", default=None,
+                     help="answer check: exact:FIELD, contains:FIELD, integer:FIELD or pkg.mod:fn")
     gen.add_argument("--no-fallback", dest="fallback", action="store_false",
                      help="drop a rejected generation instead of keeping the original response")
+    gen.add_argument("--label", action="store_true", help="keep rejected generations too, every row with "
+                     "\"correct\": true/false, the check's verdict (REDI's positive and negative traces)")
     gen.add_argument("--limit", type=int, default=None, help="the first N prompts only")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     gen.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own count)")
@@ -248,7 +251,7 @@ def _generate(args) -> int:
     keys = ("teacher", "gguf_file", "dtype", "prompts", "format", "mode", "chat_template", "prompt_words",
             "max_new_tokens",
             "temperature", "top_p", "seed", "batch_size", "max_prompt_tokens", "min_tokens", "max_tokens",
-            "keep_unfinished", "dedupe", "check", "fallback", "limit", "device", "threads")
+            "keep_unfinished", "dedupe", "check", "fallback", "label", "limit", "device", "threads")
     cfg = {k: getattr(args, k) for k in keys}
     cfg["template"] = template
     say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -58,6 +58,15 @@ class TextExample:
 
 
 @dataclass(frozen=True)
+class LabeledExample(TextExample):
+    """A text example with a binary label: ``correct`` says whether the completion is a right answer (a teacher
+    trace that passed its answer check, as ``alambic generate --check ... --label`` writes it). REDI trains on
+    both kinds, pulling the correct ones up and pushing the incorrect ones down."""
+
+    correct: bool = True
+
+
+@dataclass(frozen=True)
 class TokenizedExample:
     """Token ids of prompt + completion and the position of the first completion token."""
 
@@ -105,17 +114,26 @@ def read_plain_text(path: str | Path, unit: str = "paragraph", min_chars: int = 
     return examples
 
 
-def read_prompt_completion_jsonl(path: str | Path, prompt_key: str = "prompt",
-                                 completion_key: str = "completion") -> list[TextExample]:
-    """Examples of a JSONL file whose rows are ``{prompt_key: str, completion_key: str}``."""
-    out = []
+def read_prompt_completion_jsonl(path: str | Path, prompt_key: str = "prompt", completion_key: str = "completion",
+                                 label_key: str | None = None) -> list[TextExample]:
+    """Examples of a JSONL file whose rows are ``{prompt_key: str, completion_key: str}``; with ``label_key``
+    every row also needs a boolean there, and the examples are :class:`LabeledExample`."""
+    out: list[TextExample] = []
     for line_no, row in _jsonl_rows(Path(path)):
         prompt, completion = row.get(prompt_key), row.get(completion_key)
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise TextDataError(f"{path}:{line_no}: expected string fields '{prompt_key}' and '{completion_key}'")
         if not completion:
             raise TextDataError(f"{path}:{line_no}: empty '{completion_key}' (the loss would cover no token)")
-        out.append(TextExample(prompt, completion))
+        if label_key is None:
+            out.append(TextExample(prompt, completion))
+            continue
+        label = row.get(label_key)
+        if not isinstance(label, bool):
+            got = "no such field" if label_key not in row else f"got {json.dumps(label)}"
+            raise TextDataError(f"{path}:{line_no}: the label '{label_key}' must be true or false ({got}); "
+                                "alambic generate --check ... --label writes it")
+        out.append(LabeledExample(prompt, completion, label))
     return out
 
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from alambic.data import corpora
 from alambic.data.text import (
-    TextDataError, TextExample, TextLoader, TokenizedExample, chat_example, pad_id, read_chat_jsonl,
-    read_plain_text, read_prompt_completion_jsonl, split_indices, tokenize_example,
+    LabeledExample, TextDataError, TextExample, TextLoader, TokenizedExample, chat_example, pad_id,
+    read_chat_jsonl, read_plain_text, read_prompt_completion_jsonl, split_indices, tokenize_example,
 )
 from alambic.registry import DATASETS
 
@@ -49,9 +49,23 @@ class TextDataConfig(BaseModel):
     min_chars: int = Field(1, ge=1, description="plain text: units shorter than this are dropped")
     prompt_key: str = Field("prompt", description="prompt_completion: the prompt's key")
     completion_key: str = Field("completion", description="prompt_completion: the completion's key")
+    label_key: str | None = Field(None, description="prompt_completion: a boolean field every row must have "
+                                  "(e.g. correct, which alambic generate --check ... --label writes), read by "
+                                  "methods that learn from labelled traces (redi)")
+    keep: Literal["all", "correct", "incorrect"] = Field(
+        "all", description="with label_key: train on every row, or only the correct (REDI's stage 1, SFT on "
+        "positive traces) or the incorrect ones")
     max_length: int = Field(256, ge=2, description="tokens per example at most (the prompt loses its start "
                                                    "first, then the completion its end)")
     max_examples: int | None = Field(None, ge=1, description="use only the first N examples of the source")
+
+    @model_validator(mode="after")
+    def _labels(self) -> TextDataConfig:
+        if self.label_key is not None and self.format != "prompt_completion":
+            raise ValueError(f"label_key: labels are read from prompt_completion JSONL, not format {self.format}")
+        if self.keep != "all" and self.label_key is None:
+            raise ValueError(f"keep: {self.keep} selects rows by their label: set label_key too (e.g. correct)")
+        return self
 
 
 @DATASETS.register("text", config=TextDataConfig, modality="text",
@@ -61,7 +75,12 @@ def read_examples(cfg: TextDataConfig, tokenizer: Any) -> list[TextExample]:
     if cfg.format == "plain":
         examples = read_plain_text(cfg.path, cfg.unit, cfg.min_chars)
     elif cfg.format == "prompt_completion":
-        examples = read_prompt_completion_jsonl(cfg.path, cfg.prompt_key, cfg.completion_key)
+        examples = read_prompt_completion_jsonl(cfg.path, cfg.prompt_key, cfg.completion_key, cfg.label_key)
+        if cfg.keep != "all":  # before the ids are given: sample ids count the rows kept
+            examples = [e for e in examples if e.correct == (cfg.keep == "correct")]
+            if not examples:
+                raise TextDataError(f"{cfg.path}: no row has {cfg.label_key}: {str(cfg.keep == 'correct').lower()} "
+                                    f"(data.keep: {cfg.keep})")
     else:
         examples = [chat_example(tokenizer, m) for m in read_chat_jsonl(cfg.path)]
     return examples[: cfg.max_examples] if cfg.max_examples else examples
@@ -222,4 +241,6 @@ def build_text_data(spec: Any, tokenizer: Any) -> TextData:
     h = hashlib.sha256(f"{sorted(splits.items())}".encode())
     for e in examples:
         h.update(f"{e.completion_start}:{','.join(map(str, e.ids))};".encode())
+    if any(isinstance(t, LabeledExample) for t in texts):  # labels decide a labelled method's loss (redi)
+        h.update("".join("1" if getattr(t, "correct", True) else "0" for t in texts).encode())
     return TextData(examples, texts, splits, pad_id(tokenizer), h.hexdigest()[:16])

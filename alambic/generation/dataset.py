@@ -13,9 +13,13 @@ rewrite's answer does not match it (answer check with fallback). Both are this o
 2. completions drawn by :func:`~alambic.generation.sampling.sample` (a pure function of (seed, 0, id));
 3. filters: the completion must end with EOS (unless ``keep_unfinished``), have ``min_tokens`` to
    ``max_tokens`` tokens, and pass the answer check (``pkg.mod:fn`` called as ``fn(completion, row)``, or the
-   built-ins ``exact:FIELD`` and ``contains:FIELD``; a plain line's row is ``{"prompt", "line"}``). A rejected generation falls back to the source's
-   original response when ``fallback`` is on and the row has one (the length filter applies to it too);
-   exact duplicate (prompt, completion) pairs are dropped;
+   built-ins ``exact:FIELD``, ``contains:FIELD`` and ``integer:FIELD``; a plain line's row is
+   ``{"prompt", "line"}``). A rejected generation falls back to the source's original response when
+   ``fallback`` is on and the row has one (the length filter applies to it too). With ``label`` a generation
+   the check rejects is kept instead, and every row carries ``"correct"``, the check's verdict: the positive
+   and negative traces of REDI (Xu et al., 2025, arXiv:2505.24850; ``data: {label_key: correct}`` reads them),
+   all the teacher's own (no fallback: what the other filters reject is dropped). Exact duplicate (prompt,
+   completion) pairs are dropped;
 4. a JSONL file of ``{"prompt", "completion", "id", "source": "teacher"|"original", ...}`` rows (chat
    sources add ``"messages"``), usable as it is as ``data: {name: text, format: prompt_completion, path:
    OUT}``, and ``OUT.manifest.json``: the provenance (teacher fingerprint, tokenizer fingerprint, sampling
@@ -89,8 +93,9 @@ class GenerateConfig(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     keep_unfinished: bool = False
     dedupe: bool = True
-    check: str | None = None  # 'pkg.mod:fn', 'exact:FIELD' or 'contains:FIELD'
+    check: str | None = None  # 'pkg.mod:fn', 'exact:FIELD', 'contains:FIELD' or 'integer:FIELD'
     fallback: bool = True
+    label: bool = False  # keep what the check rejects too, every row with "correct": the check's verdict
     batch_size: int = Field(8, ge=1)
     limit: int | None = Field(None, ge=1)  # the first N prompts only
     device: str | None = None  # default: cuda when available
@@ -203,12 +208,14 @@ def file_sha256(path: Path) -> str:
 
 def make_check(spec: str | None) -> Callable[[str, dict[str, Any]], bool] | None:
     """The answer check ``spec`` names: ``exact:FIELD`` (the stripped completion equals the row's FIELD),
-    ``contains:FIELD`` (the row's FIELD, stripped, occurs in the completion) or ``pkg.mod:fn`` (your function,
-    called as ``fn(completion, row) -> bool``)."""
+    ``contains:FIELD`` (the row's FIELD, stripped, occurs in the completion), ``integer:FIELD`` (the
+    completion's final answer is the integer in the row's FIELD, by the rule of
+    :func:`~alambic.tasks.base.extract_final_answer`: ``#### N``, else ``\\boxed{N}``, else the last number) or
+    ``pkg.mod:fn`` (your function, called as ``fn(completion, row) -> bool``)."""
     if spec is None:
         return None
     kind, _, field = spec.partition(":")
-    if kind in ("exact", "contains"):
+    if kind in ("exact", "contains", "integer"):
         if not field:
             raise GenerateError(f"--check {spec}: name the field, e.g. {kind}:answer")
 
@@ -216,6 +223,13 @@ def make_check(spec: str | None) -> Callable[[str, dict[str, Any]], bool] | None
             if field not in row:
                 raise GenerateError(f"--check {spec}: a source row has no field '{field}'")
             gold = str(row[field]).strip()
+            if kind == "integer":
+                from alambic.tasks.base import TaskError, integer_checker
+
+                try:
+                    return integer_checker(completion, gold) > 0
+                except TaskError:
+                    raise GenerateError(f"--check {spec}: a source row's {field} {gold!r} is not an integer") from None
             return completion.strip() == gold if kind == "exact" else gold in completion
 
         return builtin
@@ -244,6 +258,10 @@ def log_path(out: Path) -> Path:
 def _provenance(cfg: GenerateConfig, teacher_fp: str, tokenizer_fp: str, n_rows: int) -> dict[str, Any]:
     """The part of the manifest a continuation must match: whatever decides the rows of the dataset."""
     c = cfg.model_dump(mode="json")
+    filters = {"min_tokens": c["min_tokens"], "max_tokens": c["max_tokens"], "keep_unfinished": c["keep_unfinished"],
+               "dedupe": c["dedupe"], "check": c["check"], "fallback": c["fallback"]}
+    if cfg.label:  # only when on: manifests written before the option existed still continue
+        filters["label"] = True
     return {
         "teacher": {"source": c["teacher"], "gguf_file": c["gguf_file"], "dtype": c["dtype"],
                     "fingerprint": teacher_fp},
@@ -256,9 +274,7 @@ def _provenance(cfg: GenerateConfig, teacher_fp: str, tokenizer_fp: str, n_rows:
         "prompt_words": c["prompt_words"],
         "sampling": {"max_new_tokens": c["max_new_tokens"], "temperature": c["temperature"], "top_p": c["top_p"],
                      "seed": c["seed"], "max_prompt_tokens": c["max_prompt_tokens"]},
-        "filters": {"min_tokens": c["min_tokens"], "max_tokens": c["max_tokens"],
-                    "keep_unfinished": c["keep_unfinished"], "dedupe": c["dedupe"], "check": c["check"],
-                    "fallback": c["fallback"]},
+        "filters": filters,
     }
 
 
@@ -322,6 +338,8 @@ def generate_dataset(cfg: GenerateConfig | dict[str, Any], out: str | Path, *, o
     say = say or _silent
     if cfg.mode == "rewrite" and cfg.template is not None and "{response}" not in cfg.template:
         raise GenerateError("--template: a rewrite template must contain {response} (the original answer)")
+    if cfg.label and cfg.check is None:
+        raise GenerateError("--label writes the answer check's verdict on every row: give --check too")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.min_tokens:
         raise GenerateError(f"--max-tokens {cfg.max_tokens} is below --min-tokens {cfg.min_tokens}")
     if not Path(cfg.prompts).is_file():
@@ -419,7 +437,9 @@ def generate_dataset(cfg: GenerateConfig | dict[str, Any], out: str | Path, *, o
         "dropped_by": _reason_counts(entries, "dropped"), "fallback_by": _reason_counts(entries, "original"),
         # generations whose text does not tokenise back to the sampled ids (a BPE merge across what the
         # teacher emitted as two tokens, a special token dropped): the dataset holds text, the student learns it
-        "roundtrip_mismatch": sum(1 for e in entries if e.get("roundtrip") is False)},
+        "roundtrip_mismatch": sum(1 for e in entries if e.get("roundtrip") is False),
+        **({"correct": sum(1 for e in kept if e["correct"]), "incorrect": sum(1 for e in kept if not e["correct"])}
+           if cfg.label else {})},
         generation={"tokens": counts["tokens"], "seconds": round(counts["seconds"], 3),
                     "tokens_per_s": round(counts["tokens"] / max(counts["seconds"], 1e-9), 1),
                     "wall_s_this_attempt": round(time.perf_counter() - started, 3)})
@@ -517,9 +537,12 @@ def _decide(cfg: GenerateConfig, r: SourceRow, text: str, n_tokens: int, finishe
         reason = None if ok else "check"
     entry = {"id": r.id, "prompt": r.prompt, "completion": text, "status": "teacher", "reason": None,
              "finished": finished}
+    if cfg.label and reason in (None, "check"):  # kept either way, with the check's verdict
+        entry["correct"] = reason is None
+        reason = None
     if reason is not None:
         entry.update(status="dropped", reason=reason)
-        if cfg.fallback and r.original is not None:
+        if cfg.fallback and not cfg.label and r.original is not None:  # labelled rows are the teacher's own
             n_original = len(_encode(tokenizer, r.original))
             if _length_reason(cfg, n_original) is None:
                 entry.update(status="original", completion=r.original)
@@ -546,6 +569,8 @@ def _output_row(e: dict[str, Any]) -> dict[str, Any]:
     row = {"prompt": e["prompt"], "completion": e["completion"], "id": e["id"], "source": e["status"]}
     if e["status"] == "original":
         row["reason"] = e["reason"]
+    if "correct" in e:
+        row["correct"] = e["correct"]
     if "messages" in e:
         row["messages"] = e["messages"]
     return row

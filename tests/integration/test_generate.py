@@ -295,3 +295,49 @@ def test_the_smollm2_shorthand_loads_the_file_it_names(teacher_dir, prompts, tmp
     monkeypatch.setattr(causal_lm, "load_causal_lm", lambda s, g=None, d="float32": seen.append((s, g)) or real_lm(s))
     generate_dataset(base("hf:smollm2", prompts, teacher="hf:smollm2", limit=2), tmp_path / "g.jsonl", say=None)
     assert seen == [(str(teacher_dir), "model.gguf")] * 2
+
+
+def test_label_keeps_rejected_generations_with_the_checks_verdict(teacher_dir, prompts, tmp_path, monkeypatch, capsys):
+    """REDI's data: every generation the check sees is kept (no fallback), labelled ``correct`` true/false."""
+    import sys
+    import types
+
+    from alambic.data.text import read_prompt_completion_jsonl as read
+
+    mod = types.ModuleType("my_labels")
+    mod.accept_even = lambda completion, row: len(completion.split()) % 2 == 0
+    monkeypatch.setitem(sys.modules, "my_labels", mod)
+    out = tmp_path / "labelled.jsonl"
+    rc = main(["generate", "--teacher", str(teacher_dir), "--prompts", str(prompts), "--out", str(out),
+               "--max-new-tokens", "12", "--seed", "3", "--batch-size", "3", "--keep-unfinished", "--no-dedupe",
+               "--device", "cpu", "--check", "my_labels:accept_even", "--label", "--quiet"])
+    assert rc == 0
+    rows, log = lines(out), lines(gd.log_path(out))
+    assert len(rows) == 8 and all(r["source"] == "teacher" for r in rows)  # the originals never stand in
+    assert [r["correct"] for r in rows] == [len(e["completion"].split()) % 2 == 0 for e in log]
+    assert {True, False} <= {r["correct"] for r in rows}
+    m = json.loads(manifest_path(out).read_text())
+    assert m["counts"]["correct"] + m["counts"]["incorrect"] == 8 and m["counts"]["correct"] == sum(
+        r["correct"] for r in rows)
+    assert m["provenance"]["filters"]["label"] is True
+    assert [e.correct for e in read(out, label_key="correct")] == [r["correct"] for r in rows]
+    # the same generation without --label falls back to the originals where the check says no, and has no label
+    plain = generate_dataset(base(teacher_dir, prompts, check="my_labels:accept_even", dedupe=False),
+                             tmp_path / "plain.jsonl", say=None)
+    assert "label" not in plain["provenance"]["filters"] and "correct" not in lines(tmp_path / "plain.jsonl")[0]
+    assert plain["counts"]["original"] == m["counts"]["incorrect"]
+    # continuing a labelled file without --label is another dataset
+    with pytest.raises(GenerateError, match="filters.label"):
+        generate_dataset(base(teacher_dir, prompts, check="my_labels:accept_even", dedupe=False), out, say=None)
+    with pytest.raises(GenerateError, match="--label writes the answer check's verdict.*--check"):
+        generate_dataset(base(teacher_dir, prompts, label=True), tmp_path / "x.jsonl", say=None)
+
+
+def test_the_integer_check_reads_the_final_answer():
+    check = gd.make_check("integer:answer")
+    assert check("3 + 5 = 8\n#### 8", {"answer": 8}) and check("so \\boxed{1,024}", {"answer": "1024"})
+    assert not check("3 + 5 = 8\n#### 9", {"answer": "8"}) and not check("8 is it? #### eight", {"answer": "8"})
+    with pytest.raises(GenerateError, match="row's answer '8.5' is not an integer"):
+        check("#### 8", {"answer": "8.5"})
+    with pytest.raises(GenerateError, match="no field 'answer'"):
+        check("#### 8", {"solution": "8"})
