@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", dest="bench_out", type=Path, default=None,
                    help="bench directory (default: SUITE when SUITE is a bench directory)")
     b.add_argument("--workers", type=int, default=None, help="worker processes (default: the suite's workers)")
+    b.add_argument("--nproc", type=int, default=None,
+                   help="processes per cell, under torchrun (default: the suite's nproc, else 1)")
     b.add_argument("--report-only", action="store_true", help="rebuild the tables and plot; train nothing")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_bench)
@@ -401,7 +403,8 @@ def _bench(args) -> int:
     if out is None:
         raise RecipeError(f"bench: --out is required when {args.suite} is a suite file")
     try:
-        bench(args.suite, out, workers=args.workers, report_only=args.report_only, progress=not args.quiet)
+        bench(args.suite, out, workers=args.workers, nproc=args.nproc, report_only=args.report_only,
+              progress=not args.quiet)
     except KeyboardInterrupt:  # not main's hint: a bench continues by running the same command again
         print(f"interrupted; run the same command again to continue (finished cells in {out} are kept)",
               file=sys.stderr)

@@ -102,7 +102,8 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
     fit_info = {
         "steps": fit.steps, "epochs": fit.epochs, "wall_time_s": round(fit.wall_time_s, 3),
         "wall_time_covers": f"whole run ({attempts} attempt{'s' if attempts > 1 else ''})",
-        "resumed_from_step": fit.resumed_from, "train_samples": len(data.splits["train"]),
+        "resumed_from_step": fit.resumed_from, "processes": dist.current().size,
+        "train_samples": len(data.splits["train"]),
         "tokens": tokens, "loss_tokens": loss_tokens,
         # every attempt's training time (validation passes and checkpoints included)
         "tokens_per_s": round(tokens / fit.wall_time_s, 1) if fit.wall_time_s > 0 else None,

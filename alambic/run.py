@@ -199,7 +199,7 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBund
         "steps": fit.steps, "epochs": fit.epochs, "wall_time_s": round(fit.wall_time_s, 3),
         # the training time of every attempt (each one's up to its last checkpoint), not only of the last one
         "wall_time_covers": f"whole run ({attempts} attempt{'s' if attempts > 1 else ''})",
-        "resumed_from_step": fit.resumed_from, "train_samples": len(train),
+        "resumed_from_step": fit.resumed_from, "processes": world.size, "train_samples": len(train),
         "labeled_train_samples": 0 if ssl else int(train.labeled.sum()),
         "labeled_per_batch": getattr(loader, "labeled_per_batch", None),
     }
