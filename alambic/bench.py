@@ -9,6 +9,7 @@ A suite file (strict, validated before anything trains; errors name the key path
     settings: {full: {}, scarce: {data.labeled_fraction: 0.1}}           # default: {default: {}}
     seeds: 3                                                           # or a list: [0, 1, 2]
     workers: 1
+    nproc: 1                                                           # processes per cell (torchrun)
     teacher_cache: disk                                                # optional: off (default) | memory | disk
 
 Each cell's recipe is ``base`` ← the method's overrides ← the setting's overrides ← ``seed``. Overrides are a
@@ -28,7 +29,12 @@ Cells whose method needs no teacher (``ce``) train alone, so their wall time is 
 training samples are computed once and shared by all the cells (see ``alambic.teachers.cached``).
 
 Cells run :func:`alambic.run.run` into ``OUT/runs/<setting>/<method>/seed<k>``, in-process or (``workers``
-> 1) in worker processes started fresh (a fork server, else spawn; see :func:`_pool_context`). A finished
+> 1) in worker processes started fresh (a fork server, else spawn; see :func:`_pool_context`). With
+``nproc: N`` (or ``--nproc N``) each cell is ``torchrun --nproc-per-node N -m alambic run`` instead, launched
+by :func:`alambic.train.distributed.launch` (``workers`` cells at a time, N processes each); its
+``summary.json`` records the processes (``train.processes``), the results show them, and a finished cell
+trained with another number of processes is not reused (reported as failed, like a cell of another recipe).
+The suite's teachers train in one process. A finished
 cell whose recorded recipe equals the cell's is skipped; a cell that fails has its one-line error recorded
 in ``OUT/failures.json`` (and is tried again by the next run) and the bench goes on. Everything reported
 is read back from the run directories, so ``--report-only`` (or a rerun of a finished bench) writes the
@@ -42,6 +48,7 @@ import multiprocessing
 import os
 import re
 import sys
+import tempfile
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -83,6 +90,7 @@ class Suite(Strict):
     settings: dict[str, dict[str, Any] | list[str]] = Field(default_factory=lambda: {"default": {}}, min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     workers: int = Field(1, ge=1)
+    nproc: int = Field(1, ge=1, description="processes each cell trains in (torchrun; gloo on CPUs, NCCL on GPUs)")
     teacher_cache: Literal["off", "memory", "disk"] = Field(
         "off", description="teacher.cache of the suite's teachers in every cell (disk: shared by all cells)")
 
@@ -363,7 +371,8 @@ def _locate(problems: dict[str, set[tuple[str, str]]], suite: Suite) -> list[str
 
 
 def bench(suite: str | Path | dict[str, Any], out: str | Path, *, workers: int | None = None,
-          report_only: bool = False, progress: bool = True, console: Console | None = None) -> list[Row]:
+          nproc: int | None = None, report_only: bool = False, progress: bool = True,
+          console: Console | None = None) -> list[Row]:
     """Run (or with ``report_only`` only report) a suite into ``out``; returns one row per cell.
 
     With more than one worker, call this from a script under ``if __name__ == "__main__":``, as for any
@@ -377,6 +386,10 @@ def bench(suite: str | Path | dict[str, Any], out: str | Path, *, workers: int |
         if workers < 1:
             raise RecipeError(f"--workers must be at least 1, got {workers}")
         loaded.workers = workers
+    if nproc is not None:
+        if nproc < 1:
+            raise RecipeError(f"--nproc must be at least 1, got {nproc}")
+        loaded.nproc = nproc
     out = Path(out)
     _check_out(out)
     if report_only and not out.is_dir():
@@ -404,7 +417,7 @@ def bench(suite: str | Path | dict[str, Any], out: str | Path, *, workers: int |
         if unfinished:
             raise RunDirError(f"{out}: suite teacher(s) {unfinished} have not finished: nothing to report")
     failures = _read_failures(out)
-    states = {c.key: _state(c.dir, c.recipe, c.suite_teacher) for c in p.cells}
+    states = {c.key: _state(c.dir, c.recipe, c.suite_teacher, loaded.nproc) for c in p.cells}
     rows = {c.key: _row(c, *states[c.key], failures.get(c.key)) for c in p.cells}
     todo = [c for c in p.cells if states[c.key][0] == "missing"]
     if todo and not report_only:
@@ -415,7 +428,7 @@ def bench(suite: str | Path | dict[str, Any], out: str | Path, *, workers: int |
             else:
                 failures[cell.key] = error
             _write_failures(out, failures)
-        _run_cells(todo, loaded.workers, done, progress, console)
+        _run_cells(todo, loaded.workers, loaded.nproc, done, progress, console)
     teacher = None
     if p.teacher_dir is not None and is_finished(p.teacher_dir):
         teacher = json.loads((p.teacher_dir / SUMMARY).read_text())
@@ -448,9 +461,11 @@ def _teacher_ready(suite: Suite, out: Path) -> bool:
     return named and (not isinstance(suite.teacher, dict) or is_finished(root / "teacher"))
 
 
-def _state(run_dir: Path, recipe: Recipe, suite_teacher: bool = False) -> tuple[str, dict[str, Any] | None, str | None]:
-    """("ok", summary, None) for a finished run of this recipe; ("stale", None, why) for a finished run
-    of another recipe (never reused, never overwritten: reported as failed); ("missing", None, None) else."""
+def _state(run_dir: Path, recipe: Recipe, suite_teacher: bool = False,
+           nproc: int = 1) -> tuple[str, dict[str, Any] | None, str | None]:
+    """("ok", summary, None) for a finished run of this recipe in ``nproc`` processes; ("stale", None, why)
+    for a finished run of another recipe or process count (never reused, never overwritten: reported as
+    failed); ("missing", None, None) else."""
     if not is_finished(run_dir):
         return "missing", None, None
     saved = resolved_again(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
@@ -460,7 +475,12 @@ def _state(run_dir: Path, recipe: Recipe, suite_teacher: bool = False) -> tuple[
     diff = first_difference(_without_speed_options(saved), _without_speed_options(expected))
     if diff is not None:
         return "stale", None, f"{run_dir} holds a finished run of another recipe (at {diff}): delete it to rerun"
-    return "ok", json.loads((run_dir / SUMMARY).read_text()), None
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    trained_in = summary.get("train", {}).get("processes", 1)  # summaries before train.processes: one process
+    if trained_in != nproc:
+        return "stale", None, (f"{run_dir} holds a finished run in {trained_in} process(es), the bench asks for "
+                               f"{nproc}: delete it to rerun, or use another --out")
+    return "ok", summary, None
 
 
 def _without_speed_options(recipe: Any) -> Any:
@@ -490,8 +510,8 @@ def _row(cell: Cell, status: str, summary: dict[str, Any] | None, error: str | N
     return Row.from_summary(cell.setting, cell.method, cell.seed, status, summary, error)
 
 
-def _run_cells(cells: list[Cell], workers: int, done: Callable[[Cell, Any, Any], None], progress: bool,
-               console: Console) -> None:
+def _run_cells(cells: list[Cell], workers: int, nproc: int, done: Callable[[Cell, Any, Any], None],
+               progress: bool, console: Console) -> None:
     columns = (TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         task = bar.add_task(cells[0].key, total=len(cells))
@@ -503,10 +523,10 @@ def _run_cells(cells: list[Cell], workers: int, done: Callable[[Cell, Any, Any],
         if workers == 1:
             for cell in cells:
                 bar.update(task, description=f"{cell.key} …")
-                finished(cell, run_cell(cell.recipe.resolved(), str(cell.dir)))
+                finished(cell, run_cell(cell.recipe.resolved(), str(cell.dir), nproc))
             return
         with ProcessPoolExecutor(max_workers=min(workers, len(cells)), mp_context=_pool_context()) as pool:
-            futures = {pool.submit(run_cell, c.recipe.resolved(), str(c.dir)): c for c in cells}
+            futures = {pool.submit(run_cell, c.recipe.resolved(), str(c.dir), nproc): c for c in cells}
             try:
                 for future in as_completed(futures):
                     finished(futures[future], future.result())
@@ -530,8 +550,11 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def run_cell(recipe: dict[str, Any], out: str) -> tuple[dict[str, Any] | None, str | None]:
-    """Run one cell (in a worker process or in-process): (summary, None) or (None, its one-line error)."""
+def run_cell(recipe: dict[str, Any], out: str, nproc: int = 1) -> tuple[dict[str, Any] | None, str | None]:
+    """Run one cell (in a worker process or in-process; ``nproc`` > 1: under torchrun): (summary, None) or
+    (None, its one-line error)."""
+    if nproc > 1:
+        return run_cell_processes(recipe, out, nproc)
     try:
         return run(load_recipe(recipe), out, resume=True, progress=False), None
     except Exception as exc:  # a failed cell is a row of the table, never the end of the bench
@@ -541,6 +564,28 @@ def run_cell(recipe: dict[str, Any], out: str) -> tuple[dict[str, Any] | None, s
         if isinstance(exc, AlambicError):
             return None, text
         return None, f"{type(exc).__name__}: {text} ({_origin(exc)}; ALAMBIC_DEBUG=1 prints the traceback)"
+
+
+def run_cell_processes(recipe: dict[str, Any], out: str, nproc: int) -> tuple[dict[str, Any] | None, str | None]:
+    """One cell as ``torchrun --nproc-per-node N -m alambic run RECIPE --out OUT --resume --quiet`` (the
+    command the README gives for several processes, launched by :func:`alambic.train.distributed.launch`):
+    (rank 0's summary, None), or (None, the run's one-line error)."""
+    from alambic.train.distributed import launch
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".cell-", dir=Path(out).parent) as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        done = launch(nproc, ["-m", "alambic", "run", str(path), "--out", str(out), "--resume", "--quiet"])
+    if done.returncode == 0 and is_finished(Path(out)):
+        return json.loads((Path(out) / SUMMARY).read_text()), None
+    errors = list(dict.fromkeys(line[len("error: "):] for line in done.stderr.splitlines()
+                                if line.startswith("error: ")))  # every rank says it: once
+    if errors:
+        return None, " / ".join(errors)
+    tail = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+    return None, (f"torchrun ({nproc} processes) exited with status {done.returncode}: {tail[0].strip()[:300]} "
+                  "(ALAMBIC_DEBUG=1 alambic run under torchrun shows the traceback)")
 
 
 def _origin(exc: BaseException) -> str:

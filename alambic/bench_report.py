@@ -51,6 +51,7 @@ class Row:
     wall_time_s: float | None
     status: str  # ok | failed | missing
     error: str | None = None
+    processes: int | None = None  # torchrun processes the run trained in (summary.json: train.processes)
 
     @classmethod
     def from_summary(cls, setting: str, method: str, seed: int, status: str, summary: dict[str, Any] | None,
@@ -59,7 +60,8 @@ class Row:
             return cls(setting, method, seed, None, None, None, None, None, status, error)
         return cls(setting, method, seed, summary["test"]["accuracy"], summary["test"].get("ece"),  # probes: no ECE
                    summary["student"]["params"], summary["student"]["latency_ms"],
-                   summary["train"]["wall_time_s"], status, error)
+                   summary["train"]["wall_time_s"], status, error,
+                   summary["train"].get("processes", 1))  # summaries before train.processes: one process
 
 
 @dataclass
@@ -192,6 +194,10 @@ def markdown(name: str, stats: dict[str, list[Line]], rows: list[Row], baseline:
     else:
         lines.append("No `ce` baseline in the suite, so no differences are tested.")
     lines.append("s/run: mean wall time of the training loop per run, in seconds.")
+    procs = sorted({r.processes for r in rows if r.processes is not None})
+    if procs and procs != [1]:
+        lines.append(f"Each run trained in {' or '.join(map(str, procs))} processes (torchrun; `train.batch_size` is "
+                     "the global batch); s/run is rank 0's.")
     if teacher is not None:
         lines.append(f"Teacher: test accuracy {100 * teacher['test']['accuracy']:.2f} %, "
                      f"{teacher['student']['params']:,} params.")

@@ -36,8 +36,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -86,6 +89,23 @@ def rank_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", from_env().local_rank if from_env().size > 1 else torch.cuda.current_device())
     return device
+
+
+def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
+    """``torchrun --standalone --nproc-per-node N ARGS`` with this interpreter (``python -m
+    torch.distributed.run``: the torch alambic runs on, a free rendezvous port on each launch)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def launch(nproc: int, args: Sequence[str], *, timeout: float | None = None, cwd: str | Path | None = None,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run :func:`torchrun_command` to completion, output captured; the launched processes import this copy
+    of alambic (its folder leads ``PYTHONPATH``), as do tests and ``alambic bench``'s cells."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    return subprocess.run(torchrun_command(nproc, args), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def current() -> World:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from alambic.recipe import load_recipe
 from alambic.run import run
+from alambic.train import distributed as dist
 from tests.conftest import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,16 +34,16 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
 def torchrun(args: list[str], n: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    """The project's launcher (:func:`alambic.train.distributed.launch`, as ``alambic bench --nproc`` uses)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = dist.launch(n, args, timeout=300, cwd=ROOT, env=env)
     if check and done.returncode != 0 and "SIGABRT" in done.stderr:
         # Twice in ~20 runs on a heavily loaded 2-core machine a rank died of SIGABRT inside gloo before any
         # alambic error (never reproduced alone, not with CPU hogs): rerun once, and say so, so that a real
         # desync (which fails every time) still fails and a flake is visible in the log.
         print(f"torchrun: a rank aborted (SIGABRT); rerunning once. stderr tail:\n{done.stderr[-2000:]}",
               file=sys.stderr)
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        done = dist.launch(n, args, timeout=300, cwd=ROOT, env=env)
     if check and done.returncode != 0:
         raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return done
