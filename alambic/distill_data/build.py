@@ -159,7 +159,7 @@ def _distill(recipe: DistillRecipe, resolved: dict[str, Any], out: Path, resume:
     entry = DATA_DISTILLERS.get(method)
     start_time = time.perf_counter()
     distiller: Distiller = entry.obj(ctx, recipe.distill.options)
-    total, start, earlier_wall, last = distiller.total_steps, 0, 0.0, {}
+    total, start, earlier_wall, last, history = distiller.total_steps, 0, 0.0, {}, []
     ckpt = out / CHECKPOINT
     if resume and ckpt.is_file():
         tensors, meta = load(ckpt, what="distillation checkpoint", require_digest=True)
@@ -167,6 +167,7 @@ def _distill(recipe: DistillRecipe, resolved: dict[str, Any], out: Path, resume:
             raise RunDirError(f"--resume: {ckpt} was written by another distillation: choose another --out")
         distiller.load_state(unprefixed("state", tensors), meta["state"])
         start, earlier_wall, last = int(meta["step"]), float(meta["wall_time_s"]), meta.get("logs", {})
+        history = list(meta.get("history", []))
         say(f"distill-data {method}: resuming at step {start}/{total} from {ckpt}")
     elif total:
         say(f"distill-data {method}: {total} steps, {ctx.size} images ({ctx.per_class} per class) from "
@@ -182,6 +183,8 @@ def _distill(recipe: DistillRecipe, resolved: dict[str, Any], out: Path, resume:
                                f"(lower the method's lr); {kept}")
         last = logs
         done = step + 1
+        if done % recipe.log_every == 0 or done == total or step == 0:
+            history.append({"step": done, **logs})
         if done % recipe.log_every == 0 or done == total:
             rate = (done - resumed_from) / max(time.perf_counter() - began, 1e-9)
             eta = (total - done) / rate if rate > 0 else 0.0
@@ -191,7 +194,7 @@ def _distill(recipe: DistillRecipe, resolved: dict[str, Any], out: Path, resume:
             state_t, state_m = distiller.state()
             wall = earlier_wall + time.perf_counter() - start_time
             atomic_save(prefixed("state", state_t), {"step": done, "recipe": _identity(resolved), "state": state_m,
-                                                     "wall_time_s": wall, "logs": logs},
+                                                     "wall_time_s": wall, "logs": logs, "history": history},
                         ckpt, what="distillation checkpoint")
         if on_step is not None:
             on_step(step, logs)
@@ -205,7 +208,7 @@ def _distill(recipe: DistillRecipe, resolved: dict[str, Any], out: Path, resume:
         "seed": recipe.seed, "data": resolved["data"], "data_fingerprint": data.fingerprint,
         "real_train_images": len(ctx.x), "teacher": teacher_info, "network": resolved["network"],
         "network_feature": ctx.feature, "steps": total, "resumed_from_step": resumed_from or None,
-        "wall_time_s": round(wall, 3), "final": last, "targets": _targets_kind(method, targets), **extra,
+        "wall_time_s": round(wall, 3), "final": last, "history": history, "targets": _targets_kind(method, targets), **extra,
     }
     save_set(SyntheticSet(images, labels, targets, meta), out, yaml.safe_dump(resolved, sort_keys=False))
     ckpt.unlink(missing_ok=True)
