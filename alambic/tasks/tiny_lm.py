@@ -1,5 +1,5 @@
-"""A tiny character-level llama that has seen some arithmetic: the policy and teacher of ``recipes/tiny/grpo.yaml``
-and ``trrd.yaml``, written in seconds on a CPU without a download.
+"""A tiny character-level llama that has seen some arithmetic: the policy and teacher of ``recipes/tiny/grpo.yaml``,
+``trrd.yaml`` and ``redi.yaml``, written in seconds on a CPU without a download.
 
 The word-level tiny model of :func:`alambic.models.causal_lm.write_tiny_lm` has no digit in its vocabulary, so
 it can never earn a reward on arithmetic. This one reads characters (every printable ASCII character and the
@@ -16,7 +16,7 @@ from typing import Any
 
 from alambic.tasks.arithmetic import generate_arithmetic
 
-__all__ = ["char_tokenizer", "write_tiny_arithmetic_lm"]
+__all__ = ["char_tokenizer", "write_arithmetic_prompts", "write_tiny_arithmetic_lm"]
 
 TINY_ARITH_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 96,
@@ -52,4 +52,20 @@ def write_tiny_arithmetic_lm(out: str | Path, steps: int = 20, seed: int = 0, n:
         _fit_tiny(model, tok, [p.prompt + p.solution for p in problems], steps, seed)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+def write_arithmetic_prompts(out: str | Path, n: int = 96, seed: int = 7, digits: tuple[int, ...] = (1,)) -> Path:
+    """``n`` addition problems (no instruction) as ``alambic generate`` prompts: JSONL rows ``{prompt, answer,
+    completion}`` (the worked solution), for ``--check integer:answer``. Problem ``i`` depends only on
+    ``(seed, i)``; the default seed differs from the tiny model's training problems'. ``recipes/tiny/redi.yaml``
+    labels the char llama's answers to these (one-digit by default: trained 300 steps it gets about a quarter
+    of them right at temperature 0.5, so there are correct and incorrect traces to learn from)."""
+    import json
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    problems = generate_arithmetic(n, seed=seed, kinds={"add": 1}, digits={d: 1 for d in digits}, instruction="")
+    out.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer, "completion": p.solution}) + "\n"
+                           for p in problems))
     return out

@@ -50,6 +50,11 @@ def teachers(tmp_path_factory) -> dict[str, Path | str]:
             )
 
             out["runs/tiny-arith-lm"] = write_tiny_arithmetic_lm(root / "tiny-arith-lm")
+        if any((yaml.safe_load(p.read_text()).get("teacher") or {}).get("hf") == "runs/tiny-arith-lm-300"
+               for p in RECIPES):  # redi's teacher: trained long enough to answer both right and wrong
+            from alambic.tasks.tiny_lm import write_tiny_arithmetic_lm
+
+            out["runs/tiny-arith-lm-300"] = write_tiny_arithmetic_lm(root / "tiny-arith-lm-300", steps=300)
     return out
 
 
@@ -78,6 +83,21 @@ def _generated(lm: Path) -> Path:
     return out
 
 
+def _labelled(lm: Path) -> Path:
+    """The char llama's answers to one-digit additions, labelled by the integer checker, as the redi recipe's
+    comment makes them (once per module)."""
+    out = lm / "labelled.jsonl"
+    if not out.exists():
+        from alambic.cli import main
+        from alambic.tasks.tiny_lm import write_arithmetic_prompts
+
+        prompts = write_arithmetic_prompts(lm / "prompts.jsonl")
+        assert main(["generate", "--teacher", str(lm), "--prompts", str(prompts), "--check", "integer:answer",
+                     "--label", "--max-new-tokens", "24", "--temperature", "0.5", "--threads", "1", "--quiet",
+                     "--out", str(out)]) == 0
+    return out
+
+
 def test_every_registered_method_has_a_tiny_recipe():
     covered = {yaml.safe_load(p.read_text())["method"]["name"] for p in RECIPES}
     assert set(METHODS.names()) <= covered, f"methods without a tiny recipe: {set(METHODS.names()) - covered}"
@@ -94,8 +114,11 @@ def test_tiny_recipe_learns(path, teachers, tmp_path):
         if "runs/tiny-lm" not in teachers:
             pytest.skip("language recipes need the text extra")
         lm = teachers["runs/tiny-lm"]
-        data["teacher"] = {**data["teacher"], "hf": str(lm)}
         source = lm / "corpus.txt"
+        if Path(data["data"]["path"]).name == "labelled.jsonl":  # redi: the char llama's labelled traces
+            lm = teachers[data["teacher"]["hf"]]
+            source = _labelled(lm)
+        data["teacher"] = {**data["teacher"], "hf": str(lm)}
         if Path(data["data"]["path"]).name == "generated.jsonl":  # seqkd: the teacher's generations, made first
             source = _generated(lm)
         data["data"] = {**data["data"], "path": str(source)}
