@@ -31,9 +31,11 @@ present) and, for ``superpixels: slic``, scikit-image: ``pip install 'alambic[cr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -218,7 +220,7 @@ def font_outlines(path: str, chars: str, images: np.ndarray, count: int,
 
     size = images.shape[-1]
     font, origins = glyph_layout(path, chars, size)
-    with TTFont(path, fontNumber=0, lazy=True) as tt:
+    with _quiet_fonttools(), TTFont(path, fontNumber=0, lazy=True) as tt:
         scale = font.size / tt["head"].unitsPerEm
         cmap, glyph_set = tt.getBestCmap() or {}, tt.getGlyphSet()
         points = np.zeros((len(chars), count, 2), dtype=np.float64)
@@ -240,6 +242,18 @@ def font_outlines(path: str, chars: str, images: np.ndarray, count: int,
     rc = np.floor(paired_at[..., ::-1]).astype(np.int64)  # (row, col) of the pixel
     inside = ((rc >= 0) & (rc < size)).all(-1)
     return points, np.where(inside[..., None], rc, -1)
+
+
+@contextlib.contextmanager
+def _quiet_fonttools():
+    """fontTools' warnings about harmless table oddities ("'created' timestamp seems very low") off while reading."""
+    log = logging.getLogger("fontTools")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------- superpixels

@@ -178,3 +178,17 @@ def test_only_the_decoder_and_the_student_learn_the_frozen_teacher_does_not(cls,
     assert not encoder.training
     assert not torch.equal(method.decoder.conv.weight, decoder0)
     assert not torch.equal(student.point_head[1].weight, student0)
+
+
+def test_a_cross_modal_teacher_is_checked_against_the_view_it_sees_not_the_students_input():
+    from alambic.errors import ShapeMismatchError
+    from alambic.run import _check_compatible
+
+    data = bundle(RawData(torch.zeros(12, 5, 2), torch.arange(12) % 2, ["a", "b"], "fp"), val_fraction=0.25,
+                  test_fraction=0.25, labeled_fraction=1.0, split_seed=0)
+    _check_compatible(62, (1, 16, 16), data, "teacher.run T", seen=(1, 16, 16))  # other classes: fine
+    with pytest.raises(ShapeMismatchError, match=r"teacher.run T: the teacher takes inputs \[1, 16, 16\], but the "
+                                                 r"paired view it sees has samples of shape \[1, 32, 32\]"):
+        _check_compatible(62, (1, 16, 16), data, "teacher.run T", seen=(1, 32, 32))
+    with pytest.raises(ShapeMismatchError, match="predicts 62 classes"):  # not cross-modal: the data's own check
+        _check_compatible(62, (5, 2), data, "teacher.run T")
