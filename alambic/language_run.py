@@ -27,6 +27,7 @@ from torch import nn
 from alambic.data.text import TOKENS, TextLoader, TokenizedExample
 from alambic.data.text_build import TextData, build_text_data
 from alambic.eval.language import language_metrics
+from alambic.eval.tasks import is_task_data, task_accuracy
 from alambic.methods.base import Method
 from alambic.models.causal_lm import (
     CausalLMLogits, build_student_lm, load_causal_lm, load_tokenizer, output_rows, resolve_hf,
@@ -127,6 +128,17 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
                           "layers": _layers(teacher_lm),
                           "test": summary.pop("teacher_test", None), "val": summary.pop("teacher_val", None)}
     summary["train"] = fit_info
+    if is_task_data(data.texts) and data.splits["test"]:  # a verifiable task: what the policy answers
+        ids = data.splits["test"]
+        prompts = [data.examples[i].ids[: data.examples[i].completion_start] for i in ids]
+        for who, model in (("student", student_lm), ("teacher", teacher_lm)):
+            got = task_accuracy(model, tokenizer, prompts, [data.texts[i] for i in ids], vocab_size=vocab,
+                                max_new_tokens=recipe.eval.task_max_new_tokens, batch_size=eval_batch,
+                                samples=recipe.eval.task_samples)
+            if who == "student":
+                summary["test"]["task"] = got
+            else:
+                summary["teacher"]["test"] = {**(summary["teacher"]["test"] or {}), "task": got}
     summary["generations"] = generations(recipe, data, tokenizer, student_lm, teacher_lm)
     meta = {"kind": "causal_lm", "dir": STUDENT_DIR, "arch": recipe.student.resolved(), "teacher": spec.hf,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": vocab}

@@ -33,6 +33,24 @@ def _f(x: Any, spec: str = "{:.4f}") -> str:
     return "—" if x is None else spec.format(x)
 
 
+def _task_lines(student: dict[str, Any] | None, teacher: dict[str, Any] | None) -> list[str]:
+    """The held-out accuracy of a verifiable-task run (greedy answers scored by the checker), and the student's
+    first completions with their rewards."""
+    if not student:
+        return []
+    lines = [f"## Held-out task accuracy (test, {student['problems']} problems, greedy)", "",
+             "| model | accuracy | correct | generated tokens (mean) | ended with EOS |", "|---|---:|---:|---:|---:|"]
+    for who, m in (("student", student), ("teacher", teacher)):
+        if m:
+            lines.append(f"| {who} | {_f(m.get('accuracy'))} | {_f(m.get('correct'), '{:g}')} | "
+                         f"{_f(m.get('mean_tokens'), '{:.1f}')} | {_f(m.get('finished'), '{:.0%}')} |")
+    lines += ["", "Student completions (reward from the task's checker):", ""]
+    for x in student.get("samples") or []:
+        lines.append(f"- reward {x['reward']:g} · answer `{x['answer']}` · prompt `{x['prompt']!r}` -> "
+                     f"`{x['completion']!r}`")
+    return lines + [""]
+
+
 def render_language_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``plots/learning_curves.png`` of a finished language run from its files."""
     import json
@@ -67,6 +85,9 @@ def render_language_report(run_dir: Path) -> Path:
         + (" |" if "divergence" in test else ""), "",
         "Every figure is a mean over completion tokens (the positions whose next token the loss covers); "
         "agreement: the student's top-1 next token is the teacher's.", "",
+    ]
+    lines += _task_lines(test.get("task"), t_test.get("task"))
+    lines += [
         "## Training", "",
         f"![learning curves]({curves.relative_to(run_dir).as_posix()})", "",
         "## Greedy generations", "",

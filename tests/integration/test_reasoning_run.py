@@ -107,3 +107,28 @@ def test_task_data_and_method_mistakes_are_one_line(lm, task, tmp_path, capsys):
     assert code == 2 and "\n" not in err and err.startswith("error: method.group_size")
     code, err = _cli_error(capsys, tmp_path, recipe(lm, task, {"name": "grpo"}), "data.checker=nowhere.mod:fn")
     assert code != 0 and "\n" not in err and "nowhere" in err
+
+
+def test_the_summary_and_report_hold_held_out_accuracy_of_greedy_answers(lm, task, tmp_path):
+    """The test split's problems answered greedily by the trained student and by the teacher, scored by the task's
+    checker: the summary's figure is what alambic.eval.tasks gives on the saved student, and the report shows it
+    with completions and their rewards."""
+    import transformers
+
+    from alambic.data.text_build import build_text_data
+    from alambic.eval.tasks import task_accuracy
+
+    r = load_recipe(recipe(lm, task, {"name": "grpo"}, steps=2) | {"eval": {"num_prompts": 0,
+                                                                              "task_max_new_tokens": 5}})
+    summary = run(r, tmp_path / "run", progress=False)
+    got, teacher = summary["test"]["task"], summary["teacher"]["test"]["task"]
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
+    data = build_text_data(r.data, tok)
+    ids = data.splits["test"]
+    assert got["problems"] == len(ids) == teacher["problems"] and len(got["samples"]) == min(4, len(ids))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student").eval()
+    again = task_accuracy(model, tok, [data.examples[i].ids[: data.examples[i].completion_start] for i in ids],
+                          [data.texts[i] for i in ids], max_new_tokens=5)
+    assert again["accuracy"] == got["accuracy"] and again["tokens"] == got["tokens"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Held-out task accuracy" in report and f"reward {got['samples'][0]['reward']:g}" in report
