@@ -286,6 +286,10 @@ class EvalSpec(Strict):
                                       "generations of (student and teacher); None: the first num_prompts test prompts")
     num_prompts: int = Field(3, ge=0, description="language runs: test prompts to generate from when prompts is None")
     max_new_tokens: int = Field(32, ge=1, description="language runs: tokens generated per prompt in the report")
+    task_max_new_tokens: int = Field(64, ge=1, description="verifiable tasks (data arithmetic or tasks): tokens "
+                                     "each held-out problem's greedy answer may take (test accuracy)")
+    task_samples: int = Field(4, ge=0, description="verifiable tasks: held-out completions shown in the report with "
+                              "their rewards")
 
 
 class Recipe(Strict):
