@@ -101,6 +101,101 @@ def random_init_probe(data: str, seed: int) -> float:
     return probe_model(net, "pool", bundle)["linear_test"]
 
 
+def krr_objective(data: str, out: Path, set_names: list[str], steps=(0, 20, 100), nets: int = 5) -> list[dict]:
+    """KRR-ST's objective on held-out images: for fresh networks (seeds 1000..) trained ``T`` steps on
+    ``MSE(net(X_s), Y_s)`` (SGD 0.1, momentum 0.9, wd 1e-3, as the pool), the KRR head solved on the set's
+    features predicts the teacher's representation of the real *validation* images; mean MSE over networks.
+    Whether the distillation lowered what it optimises, beyond the images and networks it saw."""
+    import torch
+    import torch.nn.functional as F
+
+    from alambic.distill_data import load_distill_recipe, load_set
+    from alambic.distill_data.build import make_context
+    from alambic.distill_data.networks import embed, fresh
+    from alambic.losses import krr_st_loss
+
+    teacher = out / data / "teacher-byol"
+    recipe = load_distill_recipe(ROOT / "recipes" / "distill_data" / f"{data}-krr_st.yaml", [f"teacher.run={teacher}"])
+    ctx, bundle, _ = make_context(recipe)
+    feature = recipe.distill.options.feature
+    y_val = ctx.teacher(bundle.val.x).double()
+    rows = []
+    for name in set_names:
+        s = load_set(out / data / "sets" / name)
+        k = s.targets.shape[1]
+        for t in steps:
+            losses = []
+            for seed in range(nets):
+                net = fresh(lambda: ctx.network(k), 1000 + seed)  # noqa: B023  (called at once)
+                opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+                for _ in range(t):
+                    net.train()
+                    opt.zero_grad()
+                    F.mse_loss(net(s.images), s.targets).backward()
+                    opt.step()
+                net.eval()
+                with torch.no_grad():
+                    losses.append(float(krr_st_loss(embed(net, s.images, feature).double(), s.targets.double(),
+                                                    embed(net, bundle.val.x, feature).double(), y_val)))
+            rows.append({"data": data, "set": name, "net_steps": t, "val_krr_mse": statistics.mean(losses)})
+        say(f"{data}: KRR objective of {name}: " + ", ".join(f"{r['net_steps']} steps {r['val_krr_mse']:.4f}"
+                                                             for r in rows if r["set"] == name))
+    return rows
+
+
+def few_label_probes(rows: list[dict[str, Any]], labels_per_class: int, out: Path) -> list[dict[str, Any]]:
+    """Linear probe of every ``regress`` student with only ``labels_per_class`` labelled real training images
+    per class (a class-balanced subset, seed 0; C still chosen on the validation split), scored on test: the
+    full-label probe sits near its ceiling on digits, a few-label probe separates representations more.
+    Memoised in ``OUT/few_label_probe.csv`` by run directory."""
+    import torch
+
+    from alambic.data import build_data
+    from alambic.distill_data.random_subset import class_balanced_subset
+    from alambic.eval.probes import extract_features, linear_probe
+    from alambic.models.zoo import build_model
+    from alambic.recipe import load_recipe
+    from alambic.student import load_student
+    from alambic.train.seeding import seed_everything
+
+    cache_path = out / "few_label_probe.csv"
+    cache = {}
+    if cache_path.exists():
+        with open(cache_path) as fh:
+            cache = {(r["run"], int(r["labels_per_class"])): float(r["accuracy"]) for r in csv.DictReader(fh)}
+    bundles: dict[str, Any] = {}
+    result = []
+    for r in rows:
+        if r["protocol"] != "regress":
+            continue
+        key = (r["run"] or f"random-init-{r['data']}-{r['student_seed']}", labels_per_class)
+        if key not in cache:
+            data = r["data"]
+            if data not in bundles:
+                recipe = load_recipe(ROOT / "recipes" / "distill_data" / f"{data}-student-regress.yaml",
+                                     ["data.distilled=null", "teacher=null", "method.name=ce"])
+                bundles[data] = (recipe, build_data(recipe.data))
+            recipe, bundle = bundles[data]
+            if r["run"]:
+                model, meta = load_student(r["run"])
+                feature = meta["features"]
+            else:  # the network at random initialisation, the student's seed
+                seed_everything(int(r["student_seed"]))
+                model, feature = build_model(recipe.student, bundle.input_shape, bundle.num_classes), "pool"
+            pick = class_balanced_subset(bundle.train.y, labels_per_class, seed=0, num_classes=bundle.num_classes)
+            with torch.no_grad():
+                tr, va, te = (extract_features(model, x, feature) for x in (bundle.train.x[pick], bundle.val.x,
+                                                                              bundle.test.x))
+                cache[key] = linear_probe(tr, bundle.train.y[pick], va, bundle.val.y, te,
+                                          bundle.test.y)["test_accuracy"]
+        result.append({**r, "protocol": f"probe{labels_per_class}", "accuracy": cache[key]})
+    with open(cache_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["run", "labels_per_class", "accuracy"])
+        w.writeheader()
+        w.writerows({"run": k[0], "labels_per_class": k[1], "accuracy": v} for k, v in cache.items())
+    return result
+
+
 def run_all(args) -> list[dict[str, Any]]:
     import torch
 
@@ -113,6 +208,8 @@ def run_all(args) -> list[dict[str, Any]]:
         for method in args.methods:
             for ipc in args.ipc:
                 for dseed in args.distill_seeds:
+                    if method == "herding" and dseed != args.distill_seeds[0]:
+                        continue  # deterministic: the same set for every seed
                     t = time.perf_counter()
                     set_dir = distil(data, method, ipc, dseed, teacher, out, extra)
                     set_s = json.loads((set_dir / "manifest.json").read_text())["wall_time_s"]
@@ -177,9 +274,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     for data in dict.fromkeys(r["data"] for r in rows):
         mine = [r for r in rows if r["data"] == data]
         ipcs = sorted({r["ipc"] for r in mine if r["ipc"] is not None})
+        few = sorted({r["protocol"] for r in mine if r["protocol"].startswith("probe")})
         for protocol, title in (("ce", "a fresh ConvNet trained with cross-entropy on the set (test accuracy %)"),
                                 ("regress", ("a fresh ConvNet pre-trained to regress the set's targets, then a "
-                                            "linear probe on the real training split (test accuracy %)"))):
+                                             "linear probe on the real training split (test accuracy %)")),
+                                *((p, (f"the same regress students, probed with only {p[5:]} labelled real images "
+                                      "per class (test accuracy %)")) for p in few)):
             lines += [f"### {data}: {title}", "",
                       "| set | " + " | ".join(f"{i} / class" for i in ipcs) + " | n per cell | set s (mean) |",
                       "|---|" + "---|" * (len(ipcs) + 2)]
@@ -210,12 +310,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datas = list(dict.fromkeys(r["data"] for r in rows))
-    fig, axes = plt.subplots(len(datas), 2, figsize=(10, 3.6 * len(datas)), squeeze=False)
+    few = sorted({r["protocol"] for r in rows if r["protocol"].startswith("probe")})
+    panels = [("ce", "cross-entropy on the set"), ("regress", "regress targets, then linear probe"),
+              *((p, f"regress, then probe with {p[5:]} labels/class") for p in few)]
+    fig, axes = plt.subplots(len(datas), len(panels), figsize=(5 * len(panels), 3.6 * len(datas)), squeeze=False)
     for i, data in enumerate(datas):
         mine = [r for r in rows if r["data"] == data]
         ipcs = sorted({r["ipc"] for r in mine if r["ipc"] is not None})
-        for j, (protocol, title) in enumerate((("ce", "cross-entropy on the set"),
-                                                ("regress", "regress targets, then linear probe"))):
+        for j, (protocol, title) in enumerate(panels):
             ax = axes[i][j]
             for method in METHODS:
                 pts = [[r["accuracy"] for r in mine if r["set"] == method and r["ipc"] == ipc
@@ -251,6 +353,10 @@ def main() -> None:
     p.add_argument("--distill-overrides", nargs="*", default=[], help="key=value for every distillation recipe")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--few-labels", type=int, default=5,
+                   help="also probe every regress student with this many labelled images per class (0: off)")
+    p.add_argument("--krr-objective", action="store_true",
+                   help="also measure KRR-ST's objective on the validation split for the seed-0 sets")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "results.csv"
@@ -261,11 +367,27 @@ def main() -> None:
             rows = [r for r in read_csv(csv_path) if r["data"] not in args.data] + rows
         write_csv(rows, csv_path)
         say(f"all done in {time.perf_counter() - t:.0f} s")
-    rows = read_csv(csv_path)
+    # herding is deterministic: its set is the same for every distillation seed, so only seed 0 counts
+    rows = [r for r in read_csv(csv_path) if not (r["set"] == "herding" and r["distill_seed"] not in ("0", 0))]
+    if args.few_labels:
+        rows += few_label_probes(rows, args.few_labels, args.out)
     md = table(rows)
     (args.out / "results.md").write_text(md + "\n")
     print(md)
     plot(rows, args.docs / "data-distillation.png")
+    if args.krr_objective:
+        import torch
+
+        torch.set_num_threads(1)
+        krr_rows = []
+        for data in args.data:
+            names = [f"{m}-ipc{i}-s0" for i in args.ipc for m in args.methods
+                     if (args.out / data / "sets" / f"{m}-ipc{i}-s0").is_dir()]
+            krr_rows += krr_objective(data, args.out, names)
+        with open(args.out / "krr_objective.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, ["data", "set", "net_steps", "val_krr_mse"])
+            w.writeheader()
+            w.writerows(krr_rows)
     say(f"wrote {csv_path}, {args.out / 'results.md'}, {args.docs / 'data-distillation.png'}")
 
 
