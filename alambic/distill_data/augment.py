@@ -19,7 +19,7 @@ __all__ = ["max_pixels", "random_shifts", "shift"]
 
 def max_pixels(fraction: float, side: int) -> int:
     """The largest shift in pixels for a ``fraction`` of the side (at least 1 when fraction > 0)."""
-    return 0 if fraction <= 0 else max(1, int(round(fraction * side)))
+    return 0 if fraction <= 0 else max(1, round(fraction * side))
 
 
 def shift(x: Tensor, dx: int, dy: int) -> Tensor:

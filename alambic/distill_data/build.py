@@ -124,7 +124,7 @@ def distill_data(recipe: DistillRecipe, out: str | Path, *, resume: bool = False
 def _prepare(out: Path, resolved: dict[str, Any], resume: bool, first_difference) -> bool:
     """True when ``out`` already holds this finished set (and ``resume``); refuses what cannot continue."""
     held = {p.name for p in out.iterdir() if not p.name.startswith(".")}
-    if not held:
+    if held <= {RECIPE}:  # empty, or a distillation that failed before its first checkpoint: start afresh
         return False
     finished = (out / MANIFEST).is_file() and (out / SET_FILE).is_file()
     if not resume:
@@ -149,7 +149,6 @@ def _prepare(out: Path, resolved: dict[str, Any], resume: bool, first_difference
 
 def _distill(recipe: DistillRecipe, resolved: dict[str, Any], out: Path, resume: bool, say,
              on_step: StepHook | None) -> dict[str, Any]:
-    from alambic.data.splits import DataBundle  # noqa: F401
     from alambic.run import cpu_threads
     from alambic.train.state import atomic_save, load, prefixed, unprefixed
 

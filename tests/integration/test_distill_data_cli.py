@@ -80,13 +80,15 @@ def test_cli_distills_refuses_bad_input_in_one_line_and_reuses_a_finished_set(by
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a finished distilled set" in err[0]
     assert main(["distill-data", str(recipe), "--out", str(tmp_path / "s"), "--quiet", "--resume"]) == 0
-    for bad, words in ((["distill.method=kmeans"], "distill.method: unknown data distillation method 'kmeans'"),
-                       (["distill.images_per_class=500"], "images_per_class 500, but class"),
+    for bad, words in ((["distill.images_per_class=500"], "images_per_class 500, but class"),
+                       (["distill.method=kmeans"], "distill.method: unknown data distillation method 'kmeans'"),
                        (["distill.steps=3"], "distill.steps: unknown key"),
                        (["teacher.run=/nowhere"], "teacher.run: /nowhere is not a finished alambic run")):
         code = main(["distill-data", str(recipe), "--out", str(tmp_path / "bad"), "--quiet", *bad])
         err = capsys.readouterr().err.strip().splitlines()
         assert code != 0 and len(err) == 1 and words in err[0], err
+    # a distillation that failed before its first checkpoint leaves only its recipe: the folder is reused
+    assert main(["distill-data", str(recipe), "--out", str(tmp_path / "bad"), "--quiet"]) == 0
 
 
 def test_students_train_on_a_set_and_a_damaged_set_is_refused(byol_teacher, tmp_path):
