@@ -455,7 +455,7 @@ def _pack_logs(total: torch.Tensor, terms: dict[str, Any], monitors: dict[str, A
     values = [total, *terms.values(), *monitors.values()]
     if all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 0 and v.device == total.device
            for v in values):
-        return torch.stack(values).detach() * weight  # the common case, without a tensor per value
+        return torch.stack(values).detach_().mul_(weight)  # the common case, without a tensor per value
     return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=total.device).detach().reshape(())
                         for v in values]) * weight
 

@@ -11,8 +11,9 @@ every ``every_s`` seconds, the last step always, and where it stopped if interru
 
     step 120/400 · epoch 3/10 · loss 0.4321 · 812 samples/s · val acc 0.910 · kNN 0.871
 
-Both take the same calls (``add_task``, ``update``, used as a context manager), a subset of
-:class:`rich.progress.Progress`'s, so the loop does not care which it got.
+Both (and :class:`NullProgress`, when nothing is shown) take the same calls (``add_task``, ``update``,
+used as a context manager), a subset of :class:`rich.progress.Progress`'s, so the loop does not care which
+it got.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ CTRL_C_ROOM = 2
 
 def training_progress(show: bool, stream: TextIO | None = None, every_s: float = 30.0):
     """The display of a training run: nothing (``show`` False), a bar on a terminal, else lines."""
+    if not show:  # quiet runs and every rank but 0: no rich machinery (a lock and a task update) per step
+        return NullProgress()
     stream = stream if stream is not None else sys.stdout
     if show and not _is_tty(stream):
         return LineProgress(stream, every_s=every_s)
@@ -50,6 +53,22 @@ def _is_tty(stream: TextIO) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed file
         return False
+
+
+class NullProgress:
+    """Shows nothing: the calls of a progress display, each a no-op."""
+
+    def __enter__(self) -> "NullProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: int, completed: int = 0, **fields: Any) -> int:
+        return 0
+
+    def update(self, task: int, **fields: Any) -> None:
+        return None
 
 
 class LineProgress:
