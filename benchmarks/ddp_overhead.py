@@ -12,8 +12,8 @@ momentum 0.9: the hand loop builds its optimizer with alambic's own ``make_optim
   global batch, forward, cross-entropy, backward, ``optimizer.step()``, ``zero_grad()``.
 
 **Same work, checked:** one untimed warm-up run of each loop from the same initial weights; the script prints
-whether the two trained students are bit-identical (they are: DDP's divide-then-sum and alambic's
-sum-then-divide by 2 round the same).
+whether the two trained students are bit-identical (they are: both scale the gradients by 1/2, then sum
+them over the ranks).
 
 **How it is timed:** one ``torchrun --standalone`` launch of 2 processes runs ``--rounds`` rounds, each
 running both loops back to back (alternating which goes first), so both see the same load from whatever
