@@ -236,6 +236,13 @@ class TrainSpec(Strict):
         "fp32", description="autocast dtype of the forward (student, teacher, method loss); losses and softmaxes stay "
                             "fp32; fp16 adds a gradient scaler (checkpointed)")
     compile: bool = Field(False, description="torch.compile the student (first steps slower while it compiles)")
+    gradient_checkpointing: bool = Field(
+        False, description="transformer students (transformers causal LMs, arch: vit): recompute each block in the "
+                           "backward pass instead of keeping its activations; same gradients, less memory, about one "
+                           "more forward of compute (alambic.train.checkpointing); other students: an error")
+    pin_memory: bool = Field(
+        True, description="on a CUDA device: batches gathered into page-locked memory and copied with "
+                          "non_blocking=True; no effect on other devices")
     sync_batchnorm: bool = Field(
         False, description="several processes: BatchNorm layers of the student and the method's heads normalise with "
                            "the global batch's statistics (alambic.train.sync_batchnorm; works on gloo/CPU); one "
@@ -250,13 +257,6 @@ class TrainSpec(Strict):
         if self.steps is None:
             return self.epochs, self.epochs * steps_per_epoch
         return -(-self.steps // steps_per_epoch), self.steps
-    gradient_checkpointing: bool = Field(
-        False, description="transformer students (transformers causal LMs, arch: vit): recompute each block in the "
-                           "backward pass instead of keeping its activations; same gradients, less memory, about one "
-                           "more forward of compute (alambic.train.checkpointing); other students: an error")
-    pin_memory: bool = Field(
-        True, description="on a CUDA device: batches gathered into page-locked memory and copied with "
-                          "non_blocking=True; no effect on other devices")
 
     @model_validator(mode="after")
     def _accum(self) -> "TrainSpec":
