@@ -18,6 +18,9 @@ as one JSON object (also written to ``--out``):
     python benchmarks/smollm2_step0.py recipes/language/smollm2_prune_token_kd.yaml --cache --out step0.json
     python benchmarks/smollm2_step0.py recipes/language/smollm2_prune_token_kd.yaml --keep --cache \
         --student runs/smollm2-fkl/student --steps 0
+
+With ``--student`` the trained student's held-out metrics on the recipe's test split are printed too
+(``student_test``): how SeqKD's student, trained on the teacher's generations, is measured on the mix.
 """
 
 from __future__ import annotations
@@ -91,6 +94,11 @@ def main() -> None:
     student_lm.eval()
     out["generations"] = generations(recipe, data, tok, student_lm, teacher_lm)
     net = CausalLMLogits(student_lm)
+    if args.student:  # a trained student (e.g. SeqKD's, which trained on other text) on this recipe's test split
+        m = language_metrics(net, teacher, test(), TOKENS, vocab)
+        out.setdefault("teacher_test", m.pop("teacher"))
+        out["student_test"] = m
+        print("student", json.dumps(m), flush=True)
 
     if args.cache:
         from alambic.teachers.topk import run_topk_teacher
