@@ -44,7 +44,7 @@ def test_wrong_type_is_named():
 
 def test_unknown_registry_names_list_the_known_ones():
     msg = error_of(tiny_recipe(method={"name": "kdd"}))
-    assert msg.startswith("method.name: unknown method 'kdd' (known: ") and "kd" in msg
+    assert msg.startswith("method.name: unknown method 'kdd' (closest: kd, ") and "dkd" in msg and "; known: at, " in msg
     assert error_of(tiny_recipe(data={"name": "cifar"})).startswith("data.name: unknown dataset 'cifar'")
     assert error_of(tiny_recipe(student={"arch": "resnet999"})).startswith("student.arch: unknown model 'resnet999'")
 
