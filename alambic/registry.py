@@ -63,7 +63,18 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} '{name}' (known: {', '.join(sorted(self._entries))})") from None
+            raise KeyError(f"unknown {self.kind} '{str(name)[:80]}' ({self.known(name)})") from None
+
+    def known(self, name: Any = None) -> str:
+        """``closest: ...; known: ...``: the names a mistyped ``name`` may have meant, closest first (they come
+        before the full list, which a one-line error's length cap may cut once a registry holds dozens of
+        names), then every registered name."""
+        import difflib
+
+        names = list(self.names())
+        close = difflib.get_close_matches(name[:80], names, n=4, cutoff=0.6) if isinstance(name, str) else []
+        head = f"closest: {', '.join(close)}; " if close else ""
+        return f"{head}known: {', '.join(names)}"
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -58,7 +58,7 @@ def load_student(run_dir: str | Path, *, trust_code: bool = False) -> tuple[nn.M
         method = meta["deploy"]["method"]
         if method not in METHODS:
             raise RunDirError(f"{meta_path}: deploy.method '{method}' is not a registered method "
-                              f"(known: {', '.join(METHODS.names())})")
+                              f"({METHODS.known(method)})")
         try:
             model = METHODS.get(method).obj.rebuild(model, meta["deploy"])
         except NotImplementedError:

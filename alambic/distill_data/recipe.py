@@ -114,7 +114,7 @@ def load_distill_recipe(source: str | Path | dict[str, Any], overrides: Iterable
     options = {k: v for k, v in recipe.distill.raw_options().items()}
     if recipe.distill.method not in DATA_DISTILLERS:
         problems.append(f"distill.method: unknown {DATA_DISTILLERS.kind} '{recipe.distill.method}' "
-                        f"(known: {', '.join(DATA_DISTILLERS.names())})")
+                        f"({DATA_DISTILLERS.known(recipe.distill.method)})")
     else:
         entry = DATA_DISTILLERS.get(recipe.distill.method)
         problems.extend(number_problems(options, entry.config, "distill"))

@@ -237,7 +237,7 @@ def validate(data: dict[str, Any], files: bool = True) -> Recipe:
 def _bind(section: Selector, registry: Registry[Any], path: str, key: str, problems: list[str]) -> None:
     name = getattr(section, key)
     if name not in registry:
-        problems.append(f"{path}.{key}: unknown {registry.kind} {_short(name)} ({_known(registry, name)})")
+        problems.append(f"{path}.{key}: unknown {registry.kind} {_short(name)} ({registry.known(name)})")
         return
     config: type[BaseModel] = registry.get(name).config
     problems.extend(number_problems(section.raw_options(), config, path))
@@ -435,17 +435,6 @@ def _args_of(ann: Any, *origins: type) -> tuple[Any, ...]:
         if origin is not None and any(origin is o or origin in aliases[o] for o in origins):
             return typing.get_args(m)
     return ()
-
-
-def _known(registry: Registry[Any], name: Any) -> str:
-    """The names a mistyped one may have meant, closest first (they come before the full list, which the line
-    cap may cut once a registry holds dozens of names), then every known name."""
-    import difflib
-
-    names = list(registry.names())
-    close = difflib.get_close_matches(str(name)[:ECHO_CHARS], names, n=4, cutoff=0.6) if isinstance(name, str) else []
-    head = f"closest: {', '.join(close)}; " if close else ""
-    return f"{head}known: {', '.join(names)}"
 
 
 def _short(value: Any, limit: int = ECHO_CHARS) -> str:

@@ -152,3 +152,16 @@ def test_a_run_saved_before_an_option_existed_still_matches_its_recipe():
     assert first_difference(resolved_again(saved), current) is None
     saved["train"] = {**current["train"], "lr": 0.5}
     assert first_difference(resolved_again(saved), current).startswith("train.lr")
+
+
+def test_every_registry_lookup_puts_the_closest_names_first():
+    from alambic.distill_data import DATA_DISTILLERS, load_distill_recipe
+    from alambic.registry import METHODS
+
+    with pytest.raises(KeyError, match=r"unknown method 'kdd' \(closest: kd, .*; known: "):
+        METHODS.get("kdd")
+    assert METHODS.known(None).startswith("known: ")  # nothing to compare: the plain list
+    assert DATA_DISTILLERS.known("krr-st").startswith("closest: krr_st")
+    with pytest.raises(RecipeError, match=r"distill\.method: unknown .* 'krr-st' \(closest: krr_st"):
+        load_distill_recipe({"name": "x", "data": {"name": "digits"}, "network": {"arch": "mlp"},
+                             "distill": {"method": "krr-st"}})
