@@ -36,7 +36,6 @@ from typing import Any, Sequence
 
 import torch
 import yaml
-from safetensors.torch import save_file
 from torch import nn
 
 from alambic import methods as _methods  # noqa: F401  (registers methods)
@@ -70,7 +69,7 @@ from alambic.train import distributed as dist
 from alambic.train.devices import place_teacher, resolve_device
 from alambic.train.loop import CHECKPOINT, Callback, Trainer
 from alambic.train.seeding import seed_everything
-from alambic.train.state import atomic_write_text
+from alambic.train.state import atomic_save, atomic_write_text
 
 try:
     import fcntl
@@ -299,8 +298,7 @@ def finish(out: Path, recipe: Recipe, data: DataBundle, student: nn.Module, teac
                 params=parameter_count(teacher.model), size_bytes=size_on_disk(teacher.model),
                 latency_ms=cpu_latency_ms(teacher.model, example, batch_size=ev.latency_batch_size,
                                           repeats=ev.latency_repeats, threads=threads))
-    _write(out / PREDICTIONS, lambda: _atomic_save_file({k: v.contiguous() for k, v in preds.items()},
-                                                        out / PREDICTIONS))
+    atomic_save(dict(preds), {"kind": "predictions"}, out / PREDICTIONS, what="predictions")
     meta = {"arch": recipe.student.resolved(), "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "class_names": data.class_names}
     deploy = method.deploy_meta()
@@ -545,16 +543,6 @@ def _write_text(path: Path, text: str) -> None:
     _write(path, lambda: atomic_write_text(path, text))
 
 
-def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors ``save_file`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def resolved_again(saved: Any) -> Any:
     """A run directory's saved recipe resolved by *this* version's schema, so that an option added since
     (with its default) does not make an old run look different; as saved if it no longer validates."""
@@ -644,12 +632,12 @@ def build_teacher(spec: TeacherSpec, data: DataBundle, student: nn.Module | None
     if spec.run is not None:
         model, meta = _classifier_run(spec.run, "teacher.run", trust)
         _check_compatible(meta["num_classes"], tuple(meta["input_shape"]), data, f"teacher.run {spec.run}", input_shape)
-        return _maybe_cached(FrozenTeacher(model), spec, data)
+        return _maybe_cached(FrozenTeacher(model, shard=spec.shard), spec, data)
     if spec.model is not None:
         model = build_model(spec.model, input_shape or data.input_shape, data.num_classes, what="teacher.model")
         if spec.weights is not None:
             load_weights(model, spec.weights)
-        return _maybe_cached(FrozenTeacher(model), spec, data)
+        return _maybe_cached(FrozenTeacher(model, shard=spec.shard), spec, data)
     factory = import_object(spec.estimator)
     try:
         estimator = factory(**spec.estimator_kwargs)
