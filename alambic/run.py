@@ -32,7 +32,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
@@ -207,11 +207,15 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, data: DataBund
     if recipe.views is not None:  # the view plan: which views each side saw
         fit_info["views"] = {"student": list(method.student_views), "teacher": list(method.teacher_views)}
     if ssl:
-        return finish_representation(out, recipe, real, student, feature, teacher, fit_info,
-                                     warnings=watch.warnings if watch is not None else [],
-                                     teacher_feature=getattr(method.config, "teacher_feature", None))
-    method.tune_on_validation(student, data.val.x, data.val.y)
-    return finish(out, recipe, data, method.deploy(student), teacher, method, fit_info=fit_info)
+        return evaluate_within_memory(lambda: finish_representation(
+            out, recipe, real, student, feature, teacher, fit_info, warnings=watch.warnings if watch is not None else [],
+            teacher_feature=getattr(method.config, "teacher_feature", None)), f"eval.batch_size={recipe.eval.batch_size}")
+
+    def evaluate_and_write() -> dict[str, Any]:
+        method.tune_on_validation(student, data.val.x, data.val.y)
+        return finish(out, recipe, data, method.deploy(student), teacher, method, fit_info=fit_info)
+
+    return evaluate_within_memory(evaluate_and_write, f"eval.batch_size={recipe.eval.batch_size}")
 
 
 def representation_path(net: nn.Module, method: Method, recipe: Recipe) -> str | None:
@@ -597,6 +601,20 @@ def fit_within_memory(trainer: Trainer, resume: bool, batch_size: int):
         f"out of memory at training step {trainer.step + 1} (a batch of train.batch_size={batch_size}, a student "
         f"of {params:,} parameters): lower train.batch_size (eval.batch_size for the validation passes) or the "
         "model's sizes"
+    ) from None
+
+
+def evaluate_within_memory(work: Callable[[], Any], batch: str) -> Any:
+    """``work()``, the evaluation after training, with an allocation failure turned into one line: training
+    is over and its last checkpoint is on disk, so the line says so and how to finish without retraining."""
+    try:
+        return work()
+    except Exception as exc:  # MemoryError is not a RuntimeError
+        if not is_out_of_memory(exc):
+            raise
+    raise AlambicError(
+        f"out of memory evaluating the trained student ({batch}): training is finished and its checkpoint kept; "
+        "free memory (or lower that batch) and run again with --resume to evaluate without retraining"
     ) from None
 
 

@@ -188,6 +188,37 @@ def test_a_batch_too_large_for_memory_names_the_step_and_batch_size(tmp_path, mo
     assert "\n" not in str(info.value)
 
 
+def test_running_out_of_memory_in_the_final_evaluation_keeps_the_training_and_resume_finishes(tmp_path, monkeypatch):
+    import importlib
+
+    run_module = importlib.import_module("alambic.run")  # the package's ``run`` is the function
+    real, real_fit, trained = run_module.predict, run_module.fit_within_memory, []
+
+    def fit(*args):  # training (and its validation passes) as usual
+        trained.append(real_fit(*args))
+        return trained[-1]
+
+    def predict(*args):  # the evaluation after training runs out of memory
+        if trained:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(*args)
+
+    monkeypatch.setattr(run_module, "fit_within_memory", fit)
+    monkeypatch.setattr(run_module, "predict", predict)
+    recipe = validate({"student": {"arch": "mlp", "hidden": [8]}, "train": {"epochs": 1, "batch_size": 16},
+                       "eval": {"latency_repeats": 1, "batch_size": 64}})
+    with pytest.raises(AlambicError, match=r"out of memory evaluating the trained student \(eval\.batch_size=64\)"
+                       r".*checkpoint kept.*--resume") as info:
+        run(recipe, tmp_path / "r", progress=False, data=_data())
+    assert "\n" not in str(info.value)
+    assert (tmp_path / "r" / "checkpoint.safetensors").exists() and not (tmp_path / "r" / "summary.json").exists()
+
+    trained.clear()
+    monkeypatch.setattr(run_module, "fit_within_memory", real_fit)
+    summary = run(recipe, tmp_path / "r", resume=True, progress=False, data=_data())
+    assert summary["train"]["resumed_from_step"] == summary["train"]["steps"]  # evaluated, not retrained
+
+
 # ------------------------------------------------------------------------------------ estimator teachers
 def test_an_estimator_teacher_can_be_cached_in_memory():
     spec = TeacherSpec(estimator="sklearn.linear_model:LogisticRegression", estimator_kwargs={"max_iter": 200},
