@@ -109,40 +109,44 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
         # every attempt's training time (validation passes and checkpoints included)
         "tokens_per_s": round(tokens / fit.wall_time_s, 1) if fit.wall_time_s > 0 else None,
     }
-    student_lm.eval()
-    summary: dict[str, Any] = {
-        "name": recipe.name, "method": recipe.method.name, "seed": recipe.seed, "data": recipe.data.name,
-        "data_fingerprint": data.fingerprint, "kind": "language",
-        "divergence": getattr(method.config, "divergence", None),
-    }
-    for split in ("test", "val"):
-        if data.splits[split]:
-            m = evaluate(net, split, True)
-            summary.setdefault("teacher_" + split, m.pop("teacher"))
-            summary[split] = m
-    summary["student"] = {"params": _params(student_lm), "size_bytes": _weight_bytes(student_lm),
-                          "arch": recipe.student.arch, "layers": _layers(student_lm)}
-    summary["teacher"] = {"source": spec.hf, "gguf_file": spec.gguf_file, "fingerprint": teacher.fingerprint(),
-                          "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": vocab,
-                          "params": _params(teacher_lm), "size_bytes": _weight_bytes(teacher_lm),
-                          "layers": _layers(teacher_lm),
-                          "test": summary.pop("teacher_test", None), "val": summary.pop("teacher_val", None)}
-    summary["train"] = fit_info
-    if is_task_data(data.texts) and data.splits["test"]:  # a verifiable task: what the policy answers
-        ids = data.splits["test"]
-        prompts = [data.examples[i].ids[: data.examples[i].completion_start] for i in ids]
-        for who, model in (("student", student_lm), ("teacher", teacher_lm)):
-            got = task_accuracy(model, tokenizer, prompts, [data.texts[i] for i in ids], vocab_size=vocab,
-                                max_new_tokens=recipe.eval.task_max_new_tokens, batch_size=eval_batch,
-                                samples=recipe.eval.task_samples)
-            if who == "student":
-                summary["test"]["task"] = got
-            else:
-                summary["teacher"]["test"] = {**(summary["teacher"]["test"] or {}), "task": got}
-    summary["generations"] = generations(recipe, data, tokenizer, student_lm, teacher_lm)
-    meta = {"kind": "causal_lm", "dir": STUDENT_DIR, "arch": recipe.student.resolved(), "teacher": spec.hf,
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": vocab}
-    return write_finished(out, student_lm, tokenizer, meta, summary)
+    def evaluate_and_write() -> dict[str, Any]:
+        student_lm.eval()
+        summary: dict[str, Any] = {
+            "name": recipe.name, "method": recipe.method.name, "seed": recipe.seed, "data": recipe.data.name,
+            "data_fingerprint": data.fingerprint, "kind": "language",
+            "divergence": getattr(method.config, "divergence", None),
+        }
+        for split in ("test", "val"):
+            if data.splits[split]:
+                m = evaluate(net, split, True)
+                summary.setdefault("teacher_" + split, m.pop("teacher"))
+                summary[split] = m
+        summary["student"] = {"params": _params(student_lm), "size_bytes": _weight_bytes(student_lm),
+                              "arch": recipe.student.arch, "layers": _layers(student_lm)}
+        summary["teacher"] = {"source": spec.hf, "gguf_file": spec.gguf_file, "fingerprint": teacher.fingerprint(),
+                              "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": vocab,
+                              "params": _params(teacher_lm), "size_bytes": _weight_bytes(teacher_lm),
+                              "layers": _layers(teacher_lm),
+                              "test": summary.pop("teacher_test", None), "val": summary.pop("teacher_val", None)}
+        summary["train"] = fit_info
+        if is_task_data(data.texts) and data.splits["test"]:  # a verifiable task: what the policy answers
+            ids = data.splits["test"]
+            prompts = [data.examples[i].ids[: data.examples[i].completion_start] for i in ids]
+            for who, model in (("student", student_lm), ("teacher", teacher_lm)):
+                got = task_accuracy(model, tokenizer, prompts, [data.texts[i] for i in ids], vocab_size=vocab,
+                                    max_new_tokens=recipe.eval.task_max_new_tokens, batch_size=eval_batch,
+                                    samples=recipe.eval.task_samples)
+                if who == "student":
+                    summary["test"]["task"] = got
+                else:
+                    summary["teacher"]["test"] = {**(summary["teacher"]["test"] or {}), "task": got}
+        summary["generations"] = generations(recipe, data, tokenizer, student_lm, teacher_lm)
+        meta = {"kind": "causal_lm", "dir": STUDENT_DIR, "arch": recipe.student.resolved(), "teacher": spec.hf,
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": vocab}
+        return write_finished(out, student_lm, tokenizer, meta, summary)
+
+    # the evaluation batches are the training micro-batch (train.batch_size / train.grad_accum)
+    return r.evaluate_within_memory(evaluate_and_write, f"evaluation batches of {eval_batch}")
 
 
 def trained_tokens(loader: TextLoader, steps: int) -> tuple[int, int]:
