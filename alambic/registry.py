@@ -20,7 +20,7 @@ T = TypeVar("T")
 class NoOptions(BaseModel):
     """Config of an entry that takes no options: any key is unknown."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

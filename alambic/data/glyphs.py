@@ -88,7 +88,7 @@ PICTURE_FONTS = (
 class GlyphsConfig(BaseModel):
     """Options of the ``glyphs`` dataset (all have defaults: ``data: {name: glyphs}`` uses every font)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     size: int = Field(32, ge=8, le=128, description="side of the square images, in pixels")
     classes: Literal["all", "digits", "letters"] = Field("all", description="0-9A-Za-z (62), 0-9 or A-Za-z")
     fonts: list[str] | None = Field(

@@ -192,7 +192,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 class NpzConfig(BaseModel):
     """Your own arrays in a ``.npz`` file (``np.savez``): samples under ``x_key``, integer labels under ``y_key``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     path: FilePath
     x_key: str = "x"
     y_key: str = "y"
@@ -245,7 +245,7 @@ def load_npz(options: NpzConfig) -> RawData:
 class ImageFolderConfig(BaseModel):
     """A folder with one sub-folder of images per class; the sorted sub-folder names are the classes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     path: DirectoryPath
     size: int = Field(32, ge=1, description="every image is resized to size x size")
     grayscale: bool = True

@@ -28,7 +28,7 @@ from alambic.losses import distribution_matching_loss
 
 
 class DMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(1000, ge=1, description="outer iterations (paper: 20,000)")
     lr: float = Field(1.0, gt=0, description="SGD learning rate of the images (paper: 1)")
     momentum: float = Field(0.5, ge=0, lt=1, description="SGD momentum of the images (paper: 0.5)")

@@ -89,7 +89,7 @@ def _register() -> None:
     from alambic.distill_data.recipe import DATA_DISTILLERS
 
     class SelectionConfig(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
         normalize: bool = Field(True, description="L2-normalise the teacher features first (iCaRL)")
 
     def make(rule: str):

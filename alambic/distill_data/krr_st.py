@@ -40,7 +40,7 @@ from alambic.losses import krr_st_loss
 
 
 class KRRSTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(2000, ge=1, description="outer steps (paper: 160,000 on CIFAR-100)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of X_s and Y_s (paper: 1e-3)")
     lr_end_factor: float = Field(1e-3, gt=0, le=1, description="linear decay to lr x this at the last step (paper)")

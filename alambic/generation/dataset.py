@@ -71,7 +71,7 @@ class GenerateConfig(BaseModel):
     """What ``alambic generate`` does; everything but ``batch_size``, ``limit``, ``device`` and ``threads`` is
     provenance (they decide how fast, not what)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     teacher: str  # a local directory or hub name (``hf:`` prefix allowed)
     gguf_file: str | None = None

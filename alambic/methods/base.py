@@ -24,7 +24,7 @@ from alambic.teachers.base import ModelOutput
 class MethodConfig(BaseModel):
     """Base of every method's Config: strict (an unknown key is an error)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from alambic.registry import MODELS
 
 
 class PointNetConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     widths: list[int] = Field(default_factory=lambda: [64, 128, 256], min_length=1,
                               description="output widths of the shared per-point MLP; the last is the global feature's")
     local_layer: int = Field(0, ge=0, description="the layer whose per-point output joins the global feature in point_head")

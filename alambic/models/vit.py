@@ -33,7 +33,7 @@ from alambic.registry import MODELS
 
 
 class ViTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     patch_size: int = Field(4, ge=1, description="side of the square patches; must divide the image's height and width")
     dim: int = Field(32, ge=1, description="token width")
     depth: int = Field(2, ge=1, description="number of transformer blocks")

@@ -21,7 +21,7 @@ from alambic.registry import MODELS
 
 
 class MLPConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     hidden: list[int] = Field(default_factory=lambda: [128], description="width of each hidden layer")
     dropout: float = Field(0.0, ge=0, lt=1)
     batchnorm: bool = False
@@ -54,7 +54,7 @@ class MLP(nn.Module):
 
 
 class CNNConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     channels: list[int] = Field(default_factory=lambda: [16, 32], description="output channels of each conv block")
     kernel_size: int = Field(3, ge=1)
     batchnorm: bool = True
@@ -99,7 +99,7 @@ class ModuleConfig(BaseModel):
     (``alambic export``, ``teacher: {run: DIR}``, ``transfer``, :func:`alambic.load_student`) refuses it unless
     told to trust it (``--trust-code``, ``trust_code: true``, ``trust_code=True``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     module: str = Field(description="'package.module:factory' returning an nn.Module; this imports and runs "
                                     "that code, so name only code you trust")
     kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -269,3 +269,19 @@ def test_python_data_must_fit_the_teacher_run(tmp_path, teacher_run):
     recipe = load_recipe(tiny_recipe(method={"name": "kd"}, teacher={"run": str(teacher_run)}))
     with pytest.raises(ShapeMismatchError, match="10 classes.*3 classes"):
         run(recipe, tmp_path / "run", progress=False, data=data)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_configs_built_in_python_refuse_non_finite_numbers_too(value):
+    """The recipe loader scans for nan/inf before pydantic; a config built in Python skips the loader, so every
+    options class refuses them itself (a temperature of inf validated and gave NaN losses)."""
+    from pydantic import ValidationError
+
+    from alambic.distill_data.dm import DMConfig
+    from alambic.methods.kd import KDConfig
+    from alambic.models.zoo import MLPConfig
+
+    for build in (lambda: KDConfig(temperature=value), lambda: MLPConfig(dropout=value),
+                  lambda: DMConfig(lr=value)):
+        with pytest.raises(ValidationError, match="finite number"):
+            build()
