@@ -14,7 +14,10 @@ fonts, images and held-out-font split as :mod:`alambic.data.glyphs`). For every 
   to State-of-the-Art Superpixel Methods", TPAMI 2012; ``skimage.segmentation.slic``, as SLidR computes its
   superpixels) or, without scikit-image, ``grid``: square cells, each split into its ink and background
   pixels (deterministic, no dependency);
-- the label: the character.
+- the label: the character;
+- with ``views: K``, the images ``image_1 .. image_K``: the glyph image under a fixed random rotation, scale
+  and shift each (:func:`~alambic.data.paired.with_affine_views`), with ``pair:input->image_k`` and
+  ``regions:image_k`` moved by the same map; the points stay canonical (what 2D-to-3D lifting needs, in 2D).
 
 The pairing is exact, not estimated: the renderer draws each character with Pillow at the pen origin of
 :func:`~alambic.data.glyphs.glyph_layout`, and Pillow snaps that origin to whole pixels, so the origin it
@@ -57,7 +60,7 @@ from alambic.data.glyphs import (
     design_groups,
     glyph_layout,
 )
-from alambic.data.paired import PairedData, pair_key, region_key
+from alambic.data.paired import PairedData, pair_key, region_key, with_affine_views
 from alambic.data.sources import RawData, fingerprint
 from alambic.errors import AlambicError
 from alambic.registry import DATASETS
@@ -81,11 +84,20 @@ class GlyphOutlinesConfig(GlyphsConfig):
     grid: int = Field(4, ge=1, le=64, description="grid: cells per side")
     inset: float = Field(0.25, ge=0, le=1, description="a point is paired with the pixel this far (in pixels) "
                                                       "inside the ink from it: the ink it bounds")
+    views: int = Field(0, ge=0, le=16, description="extra image views image_1.. of each glyph: the image under a "
+                                                   "fixed random affine map, its pairs moved alike (2D-to-3D "
+                                                   "lifting's views, here 2D -> 2D)")
+    view_rotate: float = Field(30.0, ge=0, le=180, description="views: max degrees of rotation, uniform in [-r, r]")
+    view_scale: tuple[float, float] = Field((0.8, 1.0), description="views: isotropic scale range (0 < lo <= hi)")
+    view_shift: float = Field(0.1, ge=0, le=1, description="views: max shift per axis, in half-sides of the image")
+    view_seed: int = Field(0, ge=0, description="views: the seed of the maps (fixed across epochs and runs)")
 
     @model_validator(mode="after")
     def _fonts_needed(self) -> GlyphOutlinesConfig:
         if self.cache_file is not None:
             raise ValueError("cache_file is not supported: the outlines are read from the font files themselves")
+        if not 0 < self.view_scale[0] <= self.view_scale[1]:
+            raise ValueError(f"view_scale must satisfy 0 < lo <= hi, got {list(self.view_scale)}")
         return self
 
     def glyphs(self) -> GlyphsConfig:
@@ -395,7 +407,11 @@ def _paired(cfg_json: str, cache: str) -> PairedData:
     fp = fingerprint(o.points, o.pixels, o.superpixels, g.images[o.fonts], np.array(families),
                      source="glyph_outlines", key=o.key)
     raw = RawData(x, y, list(g.chars), fp, groups=groups)
-    return PairedData(raw, {IMAGE: images}, {pair_key(INPUT, IMAGE): pairs, region_key(IMAGE): regions})
+    paired = PairedData(raw, {IMAGE: images}, {pair_key(INPUT, IMAGE): pairs, region_key(IMAGE): regions})
+    if cfg.views:  # the same glyph seen through fixed affine maps: its points stay, their pixels move
+        paired = with_affine_views(paired, IMAGE, cfg.views, cfg.view_rotate, cfg.view_scale, cfg.view_shift,
+                                   cfg.view_seed)
+    return paired
 
 
 @DATASETS.register("glyph_outlines", config=GlyphOutlinesConfig, paired=paired_glyph_outlines,

@@ -20,6 +20,11 @@ splits, plain loaders, classifiers and probes work on it unchanged) plus, row fo
   - ``regions:<view>``: ``[N, H, W]`` region (superpixel) ids of image view ``view``, per image in ``[0, R)``,
     ``-1`` for a pixel in no region.
 
+Several views of one sample are several image views, each with its own pairing (``pair:input->image``,
+``pair:input->image_1``, ...): :func:`with_affine_views` adds ``count`` views that are the image under a
+fixed random affine map each, with every pairing (and region map) moved by the same map, so that the source
+elements stay where they were and only their pixels move (the posed views of 2D-to-3D lifting, in 2D).
+
 :class:`PairedLoader` wraps any loader and adds those views and extras to each batch by its stable sample
 index (``batch.index`` is the row of the :class:`PairedData`), so batches, sub-batches
 (:meth:`~alambic.data.batch.Batch.select`, gradient accumulation) and resumed epochs carry them exactly.
@@ -33,11 +38,13 @@ A dataset offers paired modalities by registering a builder beside its loader:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from alambic.data.batch import INPUT, Batch
@@ -230,3 +237,119 @@ def paired_data(spec: Any) -> PairedData:
     if options is None:
         options = entry.config.model_validate(spec.raw_options())
     return builder(options)
+
+
+# ------------------------------------------------------------------------------------ affine views
+def random_affines(n: int, rotate: float, scale: tuple[float, float], shift: float,
+                   generator: torch.Generator) -> Tensor:
+    """``[n, 2, 3]`` float64 forward maps ``p' = M p + t`` of a square image's normalised coordinates.
+
+    Coordinates are ``affine_grid``'s with ``align_corners=False`` (``x`` right, ``y`` down, the image spans
+    ``[-1, 1]``, pixel ``j``'s centre at ``(2j + 1) / S − 1``). ``M = s · R(a)``: angle ``a ~ U(−rotate,
+    rotate)`` degrees, isotropic scale ``s ~ U(scale)``, translation ``t ~ U(−shift, shift)²`` (in half-sides).
+    Draws ``4 n`` numbers from ``generator`` (angles, scales, then the two shifts).
+    """
+    lo, hi = scale
+    if not 0 < lo <= hi:
+        raise AlambicError(f"random_affines: scale must satisfy 0 < lo <= hi, got {[lo, hi]}")
+    u = torch.rand(4, n, generator=generator, dtype=torch.float64)
+    a = torch.deg2rad((2 * u[0] - 1) * rotate)
+    s = lo + (hi - lo) * u[1]
+    out = torch.zeros(n, 2, 3, dtype=torch.float64)
+    out[:, 0, 0], out[:, 0, 1] = s * torch.cos(a), -s * torch.sin(a)
+    out[:, 1, 0], out[:, 1, 1] = s * torch.sin(a), s * torch.cos(a)
+    out[:, :, 2] = (2 * u[2:] - 1).t() * shift
+    return out
+
+
+def _inverse(forward: Tensor) -> Tensor:
+    """``[n, 2, 3]`` the inverse maps (``affine_grid``'s theta: output coordinates -> input coordinates)."""
+    m_inv = torch.linalg.inv(forward[:, :, :2])
+    return torch.cat([m_inv, -(m_inv @ forward[:, :, 2:])], dim=2)
+
+
+def _square(images: Tensor, what: str) -> int:
+    if images.dim() != 4 or images.shape[2] != images.shape[3]:
+        raise ShapeMismatchError(f"{what}: wants square images [N, C, S, S], got {list(images.shape)}")
+    return images.shape[-1]
+
+
+def warp_images(images: Tensor, forward: Tensor, mode: str = "bilinear") -> Tensor:
+    """Each image ``[N, C, S, S]`` moved by its forward map ``[N, 2, 3]`` (:func:`random_affines`).
+
+    Output pixel ``q`` takes the input's value at ``M⁻¹(q − t)``, interpolated (``grid_sample``, bilinear by
+    default, ``align_corners=False``); where that falls outside the input, the edge is repeated (the
+    background of a glyph). A resampling of the raster, not a fresh rendering: at 16x16 a turned glyph is a
+    little blurred.
+    """
+    _square(images, "warp_images")
+    if forward.shape != (images.shape[0], 2, 3):
+        raise ShapeMismatchError(f"warp_images: forward must be [N, 2, 3] with N = {images.shape[0]}, got "
+                                 f"{list(forward.shape)}")
+    grid = F.affine_grid(_inverse(forward).to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+def move_pairs(pairs: Tensor, forward: Tensor, size: int) -> Tensor:
+    """The pairs ``[N, M, 3]`` ``(element, row, col)`` of an ``S x S`` image, moved by its forward maps.
+
+    Each pixel's centre is mapped (``p' = M p + t``) and the pair goes to the pixel that contains it: the
+    pixel of the warped image (:func:`warp_images`) whose value was interpolated around the old pixel's
+    centre. A pair that leaves the image becomes a ``-1`` row (padding); padding stays padding.
+    """
+    if pairs.dim() != 3 or pairs.shape[2] != 3 or forward.shape != (pairs.shape[0], 2, 3):
+        raise ShapeMismatchError(f"move_pairs: pairs [N, M, 3] and forward [N, 2, 3] must share N, got "
+                                 f"{list(pairs.shape)} and {list(forward.shape)}")
+    live = pairs[..., 0] >= 0
+    rc = pairs[..., 1:].to(torch.float64)
+    xy = torch.stack([rc[..., 1], rc[..., 0]], dim=-1) * (2 / size) + (1 / size - 1)  # pixel centres
+    moved = xy @ forward[:, :, :2].transpose(1, 2) + forward[:, None, :, 2]
+    col_row = torch.floor((moved + 1) * (size / 2)).long()
+    inside = live & ((col_row >= 0) & (col_row < size)).all(-1)
+    out = torch.stack([pairs[..., 0].long(), col_row[..., 1], col_row[..., 0]], dim=-1)
+    return torch.where(inside[..., None], out, torch.full_like(out, -1)).to(pairs.dtype)
+
+
+def move_regions(regions: Tensor, forward: Tensor) -> Tensor:
+    """A region map ``[N, S, S]`` moved like its image (nearest region; ``-1`` where the map leaves the image)."""
+    n, s = regions.shape[0], regions.shape[-1]
+    grid = F.affine_grid(_inverse(forward).float(), [n, 1, s, s], align_corners=False)
+    shifted = (regions.float() + 1)[:, None]  # 0 = outside: ``zeros`` padding marks it
+    out = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0]
+    return (out.round().long() - 1).to(regions.dtype)
+
+
+def with_affine_views(paired: PairedData, target: str, count: int, rotate: float = 30.0,
+                      scale: tuple[float, float] = (0.8, 1.0), shift: float = 0.1, seed: int = 0) -> PairedData:
+    """``paired`` plus ``count`` views ``<target>_1 .. <target>_<count>``: image view ``target`` under a fixed
+    random affine map per sample and view (:func:`random_affines`, drawn from ``seed``: the same views every
+    epoch and run, like the fixed cameras of a scene), with every pairing into ``target``
+    (``pair:<source>-><target>``) moved by the same map (:func:`move_pairs`) and its region map too.
+
+    The other modalities are untouched: a point cloud keeps its canonical coordinates and only its pixels move,
+    so one feature per point has to agree with every view. For a 2D image this is 2D -> 2D: the views are
+    rotations, scalings and shifts in the image plane, not new viewpoints on a 3D object.
+    """
+    what = "with_affine_views"
+    if target not in paired.views:
+        raise AlambicError(f"{what}: no image view {target!r} (views: {sorted(paired.views)})")
+    images = paired.views[target]
+    size = _square(images, f"{what}: view {target!r}")
+    if count < 1:
+        raise AlambicError(f"{what}: count must be >= 1, got {count}")
+    if not 0 <= rotate <= 180 or shift < 0 or math.isnan(shift):
+        raise AlambicError(f"{what}: rotate must be in [0, 180] and shift >= 0, got {rotate}, {shift}")
+    g = torch.Generator().manual_seed(int(seed))
+    views, extras = dict(paired.views), dict(paired.extras)
+    sources = [k for k in paired.extras if k.startswith(PAIR_PREFIX) and _parse_pair_key(k)[1] == target]
+    for v in range(1, count + 1):
+        name = f"{target}_{v}"
+        if name in views:
+            raise AlambicError(f"{what}: the data already has a view {name!r}")
+        forward = random_affines(len(paired), rotate, scale, shift, g)
+        views[name] = warp_images(images.float(), forward).to(images.dtype)
+        for key in sources:
+            extras[pair_key(_parse_pair_key(key)[0], name)] = move_pairs(paired.extras[key], forward, size)
+        if region_key(target) in paired.extras:
+            extras[region_key(name)] = move_regions(paired.extras[region_key(target)], forward)
+    return replace(paired, views=views, extras=extras)
