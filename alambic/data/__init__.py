@@ -14,6 +14,7 @@ from alambic.data.glyphs import GlyphsConfig, load_glyphs  # noqa: E402  (regist
 from alambic.data import text_build as _text_build  # noqa: E402,F401  (registers "text")
 from alambic.data import tasks as _tasks  # noqa: E402,F401  (registers "arithmetic", "tasks")
 from alambic.data import glyph_outlines as _glyph_outlines  # noqa: E402,F401  (registers "glyph_outlines")
+from alambic.data import emoji_text as _emoji_text  # noqa: E402,F401  (registers "emoji_text")
 
 __all__ = [
     "IGNORE_INDEX",
