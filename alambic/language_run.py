@@ -94,8 +94,11 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
     trainer = Trainer(net, method, loader, cfg, teacher=trained_by, run_dir=out,
                       val_fn=validate if data.splits["val"] else None, callbacks=callbacks, progress=progress,
                       teacher_device=spec.device)
-    attempts = r._record_attempt(out, resumed=resume and (out / CHECKPOINT).exists())
+    world = dist.current()
+    attempts = r._record_attempt(out, resumed=resume and (out / CHECKPOINT).exists()) if world.is_main else 0
     fit = r.fit_within_memory(trainer, resume, cfg.batch_size)
+    if not world.is_main:  # rank 0 alone evaluates and writes (as alambic.run does): every rank writing student/
+        return {}  # raced (seen: a student/ left without its weights); run() hands every rank rank 0's summary
     # a method that changes the batches (gkd's on-policy samples) counts what it trained on; else the data's
     counted = getattr(method, "tokens_seen", None)
     tokens, loss_tokens = ([int(v) for v in counted.tolist()] if isinstance(counted, torch.Tensor)
@@ -103,7 +106,7 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
     fit_info = {
         "steps": fit.steps, "epochs": fit.epochs, "wall_time_s": round(fit.wall_time_s, 3),
         "wall_time_covers": f"whole run ({attempts} attempt{'s' if attempts > 1 else ''})",
-        "resumed_from_step": fit.resumed_from, "processes": dist.current().size,
+        "resumed_from_step": fit.resumed_from, "processes": world.size,
         "train_samples": len(data.splits["train"]),
         "tokens": tokens, "loss_tokens": loss_tokens,
         # every attempt's training time (validation passes and checkpoints included)
