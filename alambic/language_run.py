@@ -62,7 +62,7 @@ def run_language(recipe: Recipe, out: Path, resume: bool, progress: bool,
     device = dist.rank_device(resolve_device(recipe.train.device))
     student_lm.to(device)
     teacher_lm.to(resolve_device(spec.device, "teacher.device") if spec.device is not None else device)
-    teacher = CausalLMTeacher(teacher_lm, tokenizer, spec.hf)
+    teacher = CausalLMTeacher(teacher_lm, tokenizer, spec.hf, shard=spec.shard)
     method: Method = METHODS.get(recipe.method.name).obj(recipe.method.options)
     method.shared_vocab = vocab
     method.run_seed = recipe.seed  # a method that draws (gkd) keys its draws with the run's seed

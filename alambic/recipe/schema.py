@@ -162,6 +162,12 @@ class TeacherSpec(Strict):
     topk: TopKSpec | None = Field(None, description="with cache: topk, the cache's k, tail policy and folder")
     device: str | None = Field(None, pattern=r"^(cpu|mps|cuda(:\d+)?)$",
                                description="where the teacher runs; None: the student's device (train.device)")
+    shard: Literal["none", "fsdp"] = Field(
+        "none", description="several processes: none = every rank holds the whole teacher; fsdp = its weights sharded "
+                            "over ranks (FSDP2 fully_shard per decoder layer, else per top-level child), each layer "
+                            "all-gathered for its forward and freed after (alambic.train.fsdp). A live network teacher "
+                            "(run, model or hf; cache: off) on the training device; independent of train.shard; one "
+                            "process: no effect")
     trust_code: bool = Field(
         False,
         description="let a run directory (run, transfer.run) whose student is a user factory (arch: module) "
@@ -191,11 +197,38 @@ class TeacherSpec(Strict):
             raise ValueError("weights needs model (the architecture the weights belong to)")
         if self.cache != "off" and given[0] == "distilled":
             raise ValueError(f"cache: {self.cache}: a distilled set's targets are stored already; drop cache")
+        if self.shard == "fsdp":
+            _check_teacher_shard(given[0], self.cache, self.device)
         if self.cache != "off" and given[0] in ("ema", "transfer"):
             raise ValueError(f"cache: {self.cache} needs a frozen network teacher (run or model) or an estimator, "
                              f"not {given[0]}: "
                              "an EMA or transfer teacher changes every step")
         return self
+
+
+_UNSHARDABLE = {
+    "estimator": "a scikit-learn estimator has no torch weights to shard",
+    "ema": "an EMA teacher is updated from the whole student every step",
+    "transfer": "a transfer teacher is updated from the whole student every step",
+    "distilled": "a distilled set's stored targets have no weights",
+}
+
+
+def _check_teacher_shard(source: str, cache: str, device: str | None) -> None:
+    """``shard: fsdp`` only where a sharded forward can work: a live frozen network that every rank runs alike."""
+    if source in _UNSHARDABLE:
+        raise ValueError(f"shard: fsdp shards a frozen network teacher (run, model or hf), not {source}: "
+                         f"{_UNSHARDABLE[source]}; drop shard")
+    if cache == "topk":
+        raise ValueError("shard: fsdp with cache: topk: the cached top-k is read back and the teacher never runs "
+                         "in training, so it needs no sharding; drop shard")
+    if cache != "off":
+        raise ValueError(f"shard: fsdp with cache: {cache}: a cache runs the teacher only on the rows it has not "
+                         "seen, so ranks would run different numbers of forwards, and each sharded forward is a "
+                         "collective every rank joins; use cache: off or shard: none")
+    if device is not None:
+        raise ValueError(f"shard: fsdp with device: {device}: each rank's shard sits on that rank's training "
+                         "device (train.device); drop device")
 
 
 class MethodSpec(Selector):

@@ -15,8 +15,8 @@ class CausalLMTeacher(FrozenTeacher):
     every :class:`FrozenTeacher` is. Its fingerprint covers the weights and the tokenizer (the same weights
     under another tokenizer teach other text), so ``--resume`` and caches refuse a changed one."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, source: str = ""):
-        super().__init__(CausalLMLogits(model))
+    def __init__(self, model: nn.Module, tokenizer: Any, source: str = "", shard: str = "none"):
+        super().__init__(CausalLMLogits(model), shard=shard)
         self.tokenizer, self.source = tokenizer, source
 
     @property

@@ -48,9 +48,15 @@ def state_fingerprint(module: nn.Module, *extra: str) -> str:
 
 
 class FrozenTeacher:
-    """A trained ``nn.Module`` that teaches without ever changing."""
+    """A trained ``nn.Module`` that teaches without ever changing.
 
-    def __init__(self, model: nn.Module, taps: Sequence[str] = ()):
+    ``shard="fsdp"`` (``teacher.shard``): on several processes the Trainer shards ``model`` over the ranks
+    (:func:`alambic.train.fsdp.shard_teacher`) and gathers it back at the end of training; one process: no effect."""
+
+    def __init__(self, model: nn.Module, taps: Sequence[str] = (), shard: str = "none"):
+        if shard not in ("none", "fsdp"):
+            raise ValueError(f"shard must be 'none' or 'fsdp', not {shard!r}")
+        self.shard = shard
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

@@ -18,7 +18,19 @@ What the loop does around it:
 - at the end of ``fit`` :func:`consolidate` turns the student back into an ordinary module holding full
   tensors on every rank, so evaluation, export and ``student.safetensors`` are those of any run.
 
-The frozen teacher is not sharded (it runs under ``no_grad``; sharding it is left to a GPU machine's needs).
+``teacher.shard: fsdp`` shards a frozen network teacher the same way (:func:`shard_teacher`), independently of
+the student: each decoder layer (a transformers causal LM) or else each top-level child holding parameters is
+one unit, then the root, all with ``reshard_after_forward=True`` (passed explicitly: FSDP2 otherwise keeps the
+root's parameters, an LM's embeddings and output layer, gathered after the forward, for a backward that a
+teacher never runs). Each rank keeps ``1/N`` of the teacher; its forward, under ``no_grad`` and in eval mode,
+all-gathers one unit at a time and frees it after, so the teacher's peak is one gathered unit plus the shards.
+No gradient, no reduce-scatter and no optimizer state: the teacher stays frozen. Every forward is a collective,
+so every rank must run the teacher the same number of times: the loop splits every rank's rows into the same
+number of ``grad_accum`` chunks, validation runs on every rank, and the recipe refuses teachers that run
+conditionally (a cache, which runs only on rows it has not seen). At the end of ``fit`` :func:`consolidate`
+gathers the teacher back into an ordinary module (evaluation and the report run it on rank 0 alone).
+The teacher is loaded whole on every rank before it is sharded, so sharding lowers its memory during training,
+not the peak at load.
 """
 
 from __future__ import annotations
@@ -47,6 +59,62 @@ def shard(student: nn.Module, device: torch.device) -> None:
         if any(True for _ in child.parameters()):
             fully_shard(child, mesh=mesh)
     fully_shard(student, mesh=mesh)
+
+
+def teacher_units(model: nn.Module) -> list[nn.Module]:
+    """The modules of a teacher each sharded as one unit: a causal LM's decoder layers (behind
+    :class:`~alambic.models.causal_lm.CausalLMLogits` or bare), else the top-level children holding parameters.
+    The rest (an LM's embeddings, tied output layer and final norm) belong to the root unit."""
+    from alambic.models.causal_lm import LanguageModelError, decoder_layers
+
+    for candidate in (getattr(model, "lm", None), model):
+        if isinstance(candidate, nn.Module):
+            try:
+                return list(decoder_layers(candidate))
+            except LanguageModelError:
+                pass
+    return [child for child in model.children() if any(True for _ in child.parameters())]
+
+
+def shard_teacher(model: nn.Module, device: torch.device) -> None:
+    """``fully_shard`` a frozen teacher over every rank (``teacher.shard: fsdp``; see the module docstring)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.current().size,))
+    for unit in teacher_units(model):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    model.register_forward_hook(_forget_forward_order)  # after FSDP's own post-forward hook
+
+
+def _forget_forward_order(module: nn.Module, args: Any, output: Any) -> None:
+    """FSDP2 (torch 2.13) records every unit's forward for the backward's prefetch order and clears the record
+    only at the end of a backward, which a teacher never runs: without this it grows by one entry per unit and
+    forward for the whole run. Private state, so a torch that renames it is left alone."""
+    try:
+        state = module._get_fsdp_state()
+        state._comm_ctx.post_forward_order.clear()
+        for s in state._state_ctx.all_states:
+            for group in s._fsdp_param_groups:
+                group._post_forward_indices.clear()
+    except AttributeError:
+        pass
+
+
+def teacher_models(teacher: Any) -> list[nn.Module]:
+    """The networks to shard: the teacher's own or each ensemble member's, where it asks (``shard == "fsdp"``).
+    A sharded teacher behind a cache is refused in one line: the cache runs it only on rows it has not seen."""
+    from alambic.errors import AlambicError
+
+    out = []
+    for t in getattr(teacher, "teachers", None) or ([teacher] if teacher is not None else []):
+        if getattr(getattr(t, "teacher", None), "shard", "none") == "fsdp":
+            raise AlambicError(f"teacher.shard: fsdp behind {type(t).__name__}: it runs the teacher only on the rows it "
+                               "has not cached, a different number of forwards on each rank; use cache: off")
+        if getattr(t, "shard", "none") == "fsdp":
+            out.append(t.model)
+    return out
 
 
 def is_sharded(p: Tensor) -> bool:

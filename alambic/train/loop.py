@@ -121,6 +121,10 @@ class Trainer:
         self.sharded = cfg.shard == "fsdp" and self.world.size > 1  # train.shard: alambic.train.fsdp
         if self.sharded:
             fsdp.shard(student, self.device)
+        # teacher.shard: fsdp (alambic.train.fsdp.shard_teacher): each rank keeps 1/N of a frozen teacher's weights
+        self.sharded_teachers = fsdp.teacher_models(teacher) if self.world.size > 1 else []
+        for model in self.sharded_teachers:
+            fsdp.shard_teacher(model, self.device)
         # BatchNorm running statistics rank 0 broadcasts before each step (none synchronised or absent: no collective)
         self._bn_buffers = dist.batchnorm_buffers(student, method) if self.world.size > 1 else []
         self.method_schedules = method.schedules(self.info)
@@ -161,7 +165,10 @@ class Trainer:
         else:  # chunks weighted by the method's chunk_weight (rows share; token share for token losses): one big step
             n = len(batch)
             total, terms, monitors = torch.zeros((), device=self.device), {}, {}
-            for rows in _chunks(n, self.cfg.grad_accum):
+            # several ranks: the same number of chunks on each (forwards of a sharded teacher or student and
+            # synchronised BatchNorm are collectives every rank joins)
+            count = min(self.cfg.grad_accum, max(1, rows_global // self.world.size)) if self.world.size > 1 else None
+            for rows in _chunks(n, self.cfg.grad_accum, count):
                 chunk = batch.select(rows)
                 weight = self.method.chunk_weight(chunk, batch)
                 out = self._forward(chunk, ctx)
@@ -259,7 +266,7 @@ class Trainer:
                 if window.count:
                     self.metrics.write(window.flush(self.step, epoch, logs["lr"]))
                 val = None
-                if self.val_fn is not None and (self.world.is_main or self.sharded) and (
+                if self.val_fn is not None and (self.world.is_main or self.sharded or self.sharded_teachers) and (
                         (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.epochs):
                     val = self.val_fn(self.student)
                     self.metrics.write({"split": "val", "step": self.step, "epoch": epoch + 1, **val})
@@ -278,6 +285,9 @@ class Trainer:
         if self.sharded:  # an ordinary module again, full tensors on every rank: evaluation, export
             fsdp.consolidate(self.student)
             self.sharded = False
+        for model in self.sharded_teachers:  # the teacher whole again: rank 0 evaluates it alone
+            fsdp.consolidate(model)
+        self.sharded_teachers = []
 
     # -- checkpoints ------------------------------------------------------------------------------------
 
@@ -483,7 +493,12 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainSpec) -> torch.opti
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _chunks(n: int, k: int) -> list[slice]:
+def _chunks(n: int, k: int, count: int | None = None) -> list[slice]:
+    """``n`` rows in chunks of ``ceil(n / k)`` rows; with ``count``: exactly ``count`` chunks whose sizes differ
+    by at most one (every rank of a run gets the same number, whatever its share of the global batch)."""
+    if count is not None:
+        base, extra = divmod(n, count)
+        return [slice(i * base + min(i, extra), (i + 1) * base + min(i + 1, extra)) for i in range(count)]
     size = -(-n // k)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
