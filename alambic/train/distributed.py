@@ -163,25 +163,40 @@ def gather_rows(t: Tensor) -> Tensor:
 
 def average_gradients(params: Iterable[nn.Parameter], extra: torch.Tensor | None = None) -> torch.Tensor | None:
     """Mean of the gradients of ``params`` over ranks, in one flat all-reduce (for parameters outside DDP's
-    module: a method's projectors). A parameter without a gradient on this rank counts as zero.
+    module: a method's projectors). A parameter without a gradient on this rank counts as zero where another
+    rank has one; a parameter no rank gave a gradient keeps ``grad = None``, as in one process, so that the
+    optimizer leaves it alone (a zero gradient would still move it through weight decay and momentum).
 
     ``extra`` (a float vector, e.g. the step's weighted loss and terms) rides in the same all-reduce and comes
     back summed over ranks: one collective per step instead of two."""
     if not active():
         return extra
     params = [p for p in params if p.requires_grad]
+    if not params:
+        if extra is not None:
+            extra = extra.clone()
+            dist.all_reduce(extra)
+        return extra
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    like = grads[0]
+    uniform = all(g.dtype == like.dtype and g.device == like.device for g in grads)
+    # which ranks hold a gradient, per parameter: in the same all-reduce when the dtypes allow it
+    held = torch.tensor([float(p.grad is not None) for p in params], dtype=like.dtype if uniform else torch.float32,
+                        device=like.device)
     parts = [g.reshape(-1) for g in grads]
-    together = extra is not None and all(g.dtype == extra.dtype and g.device == extra.device for g in grads)
+    if uniform:
+        parts.append(held)
+    else:
+        held = held.clone()
+        dist.all_reduce(held)
+    together = uniform and extra is not None and extra.dtype == like.dtype and extra.device == like.device
     if together:
         parts.append(extra.reshape(-1))
     elif extra is not None:
         extra = extra.clone()
         dist.all_reduce(extra)
-    if not parts:
-        return extra
     flat = torch.cat(parts)
-    n = flat.numel() - (extra.numel() if together else 0)
+    n = sum(g.numel() for g in grads)
     size = dist.get_world_size()
     # N a power of two: scaled by 1/N before the all-reduce, while ``flat`` is hot in this core's cache (after
     # the all-reduce the first pass over it costs several times more); scaling by a power of two is exact and
@@ -193,9 +208,13 @@ def average_gradients(params: Iterable[nn.Parameter], extra: torch.Tensor | None
     dist.all_reduce(flat)
     if not scale_first:
         flat[:n].div_(size)  # in place, once: each gradient is a view of ``flat``
-    for p, g, piece in zip(params, grads, flat[:n].split([g.numel() for g in grads])):
-        p.grad = piece.view_as(g)
-    return flat[n:] if together else extra
+    if uniform:
+        held = flat[n: n + len(params)]
+    # read on the host only where this rank lacked a gradient (a rank with every one keeps every one: no sync)
+    kept = [True] * len(params) if all(p.grad is not None for p in params) else [h > 0 for h in held.tolist()]
+    for p, g, piece, keep in zip(params, grads, flat[:n].split([g.numel() for g in grads]), kept):
+        p.grad = piece.view_as(g) if keep else None
+    return flat[n + len(params):] if together else extra
 
 
 def broadcast_module(module: nn.Module) -> None:
