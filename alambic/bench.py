@@ -483,17 +483,30 @@ def _state(run_dir: Path, recipe: Recipe, suite_teacher: bool = False,
     return "ok", summary, None
 
 
+# options that change how fast a run goes or the memory it takes, never what it computes (each tested bit for
+# bit): a teacher's cache (tests/unit/test_teacher_cache.py) and shard (tests/invariants/test_fsdp_teacher.py),
+# train.gradient_checkpointing (the same gradients, recomputed: tests/unit/test_gradient_checkpointing.py) and
+# train.pin_memory (the same batches). Everything else stays in the comparison, the ones that only round differently too
+# (train.device, precision, compile, threads, train.shard: another summation order is another result).
+_SPEED_TEACHER = ("cache", "shard")
+_SPEED_TRAIN = ("gradient_checkpointing", "pin_memory")
+
+
 def _without_speed_options(recipe: Any) -> Any:
     """A resolved recipe without the options that change how fast a run goes, not what it learns
-    (``cache`` of each teacher section), so switching the suite's ``teacher_cache`` reuses finished cells."""
+    (:data:`_SPEED_TEACHER` of each teacher section, :data:`_SPEED_TRAIN` of ``train``), so switching the suite's
+    ``teacher_cache`` or turning gradient checkpointing on for memory reuses finished cells."""
     if not isinstance(recipe, dict):
         return recipe
     out = dict(recipe)
-    if isinstance(out.get("teacher"), dict):
-        out["teacher"] = {k: v for k, v in out["teacher"].items() if k != "cache"}
+
+    def drop(section: Any, keys: tuple[str, ...]) -> Any:
+        return {k: v for k, v in section.items() if k not in keys} if isinstance(section, dict) else section
+
+    out["teacher"] = drop(out.get("teacher"), _SPEED_TEACHER)
     if isinstance(out.get("teachers"), list):
-        out["teachers"] = [{k: v for k, v in t.items() if k != "cache"} if isinstance(t, dict) else t
-                           for t in out["teachers"]]
+        out["teachers"] = [drop(t, _SPEED_TEACHER) for t in out["teachers"]]
+    out["train"] = drop(out.get("train"), _SPEED_TRAIN)
     return out
 
 
