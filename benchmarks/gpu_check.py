@@ -12,6 +12,10 @@ loss is finite, and prints steps/s on the device and on the CPU (fp32), then a h
 doing the same work as the kd recipe (same MLP, batch, KD loss, Adam) for the loop's overhead. It also
 resumes a checkpoint written on the device on the CPU (device-independent checkpoints) — what only a GPU
 can confirm. Exits non-zero on a non-finite loss or a failed resume.
+
+With ``--nproc N`` (N GPUs: NCCL takes one GPU per rank, so not on a one-GPU machine) it also trains the kd
+recipe under ``torchrun --nproc-per-node N`` with the teacher sharded (``teacher.shard: fsdp``) and unsharded,
+and checks the two students are equal (bit for bit on gloo/CPU: tests/invariants/test_fsdp_teacher.py).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--dry-run", action="store_true", help="3 steps per recipe, no CPU comparison")
+    p.add_argument("--nproc", type=int, default=0, help="also kd with a sharded teacher on N processes (N GPUs)")
     args = p.parse_args()
     from alambic.recipe import load_recipe
     from alambic.run import run
@@ -95,6 +100,9 @@ def main() -> int:
     bad += not ok
     print(f"checkpoint written on {args.device}, resumed on cpu: {'ok' if ok else 'FAILED'}")
 
+    if args.nproc > 1:
+        bad += not sharded_teacher_check(args, teachers["runs/tiny-teacher"][1], steps, tmp)
+
     if not args.dry_run and args.device.startswith("cuda"):  # the same KD work, hand-written on the device
         from alambic.data import build_data
         from alambic.losses import kd_loss
@@ -121,6 +129,28 @@ def main() -> int:
         torch.cuda.synchronize()
         print(f"hand-written CUDA KD loop: {steps / (time.perf_counter() - t0):.1f} steps/s (compare: kd above)")
     return 1 if bad else 0
+
+
+def sharded_teacher_check(args, teacher: Path, steps: int, tmp: Path) -> bool:
+    """kd on ``args.nproc`` processes with the teacher sharded and not: the same student (max |dw| printed)."""
+    from safetensors.torch import load_file
+
+    from alambic.train import distributed as dist
+
+    got = {}
+    for shard in ("fsdp", "none"):
+        out = tmp / f"kd-teacher-{shard}"
+        done = dist.launch(args.nproc, ["-m", "alambic", "run", str(ROOT / "recipes" / "tiny" / "kd.yaml"), "--out",
+                                        str(out), "--quiet", f"teacher.run={teacher}", f"teacher.shard={shard}",
+                                        f"train.steps={steps}", f"train.device={args.device}",
+                                        f"train.precision={args.precision}"], timeout=600, cwd=ROOT)
+        if done.returncode != 0:
+            print(f"kd, teacher.shard={shard}, {args.nproc} processes: FAILED\n{done.stderr[-2000:]}")
+            return False
+        got[shard] = load_file(str(out / "student.safetensors"))
+    diff = max(float((got["fsdp"][k] - got["none"][k]).abs().max()) for k in got["none"])
+    print(f"kd, teacher sharded vs not, {args.nproc} processes on {args.device}: max |dw| = {diff:.2e}")
+    return diff <= 1e-6
 
 
 if __name__ == "__main__":
