@@ -8,6 +8,11 @@
 Resume is exact on the CPU: the checkpoint holds the student, the method's state, the optimizer, every
 RNG and the position in the epoch; the loader's order is a pure function of (seed, epoch) and the
 learning rate a pure function of the step, so a resumed run replays the same arithmetic.
+
+Host reads: on an accelerator each step's loss stays on the device and the host reads it (and checks it is
+finite) only where it needs the value: a metric line, a checkpoint, an epoch's end, or every step when there are
+callbacks; a non-finite loss found there names its own step and stops the run before anything is written
+(:meth:`Trainer.check_finite`). A CPU reads every step (``SYNC_FREE``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from alambic.train.schedules import lr_schedule
 from alambic.train.sync_batchnorm import convert_sync_batchnorm
 
 CHECKPOINT = "checkpoint.safetensors"
+# devices where reading a step's loss on the host costs nothing, so it is read (and checked) every step; on
+# the others (cuda, mps) that read waits for the device, and the loop does it only where it needs the value
+SYNC_FREE = ("cpu",)
 
 
 class Callback:
@@ -141,10 +149,16 @@ class Trainer:
         self._clock: float | None = None  # perf_counter at the start of this fit()
         self._earlier_s = 0.0  # training seconds of earlier attempts, read from the checkpoint on resume
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (written or resumed from)
+        # (step, loss, terms) of the steps whose loss the host has not read yet (check_finite)
+        self._unchecked: list[tuple[int, torch.Tensor, dict[str, Any]]] = []
+        self._check_every_step = True  # set by fit()
 
     # -- one step ---------------------------------------------------------------------------------------
 
-    def train_step(self, batch: Batch, ctx: StepContext) -> dict[str, Any]:
+    def train_step(self, batch: Batch, ctx: StepContext, check: bool = True) -> dict[str, Any]:
+        """One optimizer step. ``check`` (the default): the loss is read on the host and a non-finite one raises
+        :class:`~alambic.errors.NonFiniteLossError` before the optimizer step; ``check=False`` leaves the loss
+        on the device (no host sync) and its check to the next checked step (:meth:`check_finite`)."""
         if not self.student.training:  # .train() walks every submodule: only when something switched it off
             self.student.train()
         if not self.method.training:
@@ -182,12 +196,10 @@ class Trainer:
             # together on a nan), in the same all-reduce
             vec = dist.average_gradients(self.averaged, _pack_logs(total, terms, monitors, share / self.world.size))
             total, terms, monitors = _unpack_logs(vec, terms, monitors)
-        loss = float(total)
-        if not math.isfinite(loss):
-            bad = next((k for k, v in terms.items() if not math.isfinite(float(v))), "loss")
-            self.optimizer.zero_grad(set_to_none=True)
-            kept = str(self.checkpoint_path) if self.checkpoint_step is not None else None
-            raise NonFiniteLossError(ctx.step + 1, bad, float(terms.get(bad, total)), kept, self.checkpoint_step)
+        self._unchecked.append((ctx.step + 1, total, terms))
+        loss: Any = total  # a 0-d tensor on the device until the host reads it (a log step: see _check_step)
+        if check:
+            loss = self.check_finite()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad_norm is not None:
@@ -206,6 +218,31 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.after_step(self.student, ctx.step + 1)
         return {"loss": loss, "terms": terms, "lr": lr, "monitors": monitors, "rows": rows_global}
+
+    def check_finite(self) -> float | None:
+        """Read the losses of the steps not checked yet on the host (one device-to-host copy) and raise
+        :class:`~alambic.errors.NonFiniteLossError` at the first non-finite one, naming that step and term and
+        the last good checkpoint; returns the last step's loss (None when every step was checked already)."""
+        if not self._unchecked:
+            return None
+        pending, self._unchecked = self._unchecked, []
+        for (step, total, terms), value in zip(pending, host_floats([t for _, t, _ in pending])):
+            if not math.isfinite(value):
+                bad = next((k for k, v in terms.items() if not math.isfinite(float(v))), "loss")
+                self.optimizer.zero_grad(set_to_none=True)
+                kept = str(self.checkpoint_path) if self.checkpoint_step is not None else None
+                raise NonFiniteLossError(step, bad, float(terms.get(bad, total)), kept, self.checkpoint_step)
+        return value
+
+    def _check_step(self, pos: int) -> bool:
+        """Whether the fit loop reads this step's loss on the host: always on a CPU (it costs nothing) and where
+        the host needs it anyway (a metric line, a checkpoint, the epoch's end, callbacks, which never see a
+        non-finite step); on an accelerator the other steps keep it on the device, so the loop does not wait
+        for the device every step. The same on every rank (a non-finite loss stops them at the same step)."""
+        step = self.step + 1
+        return (self._check_every_step or step % self.cfg.log_every == 0 or step >= self.total_steps
+                or pos + 1 >= self.steps_per_epoch
+                or bool(self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0))
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -235,6 +272,10 @@ class Trainer:
             self.metrics.truncate_after(self.step)
         elif self.run_dir is not None and self.world.is_main:
             self.metrics.truncate_after(-1)
+        # every step's loss read on the host where that is free (a CPU) or where a rank runs callbacks (any rank:
+        # a non-finite loss must stop every rank at the same step); else only at the steps of _check_step
+        self._check_every_step = self.device.type in SYNC_FREE or any(
+            dist.gather_objects(bool(self.callbacks)) if self.world.size > 1 else [bool(self.callbacks)])
         self._clock = time.perf_counter()
         window = _Window()
         self.status: dict[str, str] = {}  # short "name value" strings callbacks and monitors show in the bar
@@ -249,7 +290,7 @@ class Trainer:
                         break
                     ctx = StepContext(self.step, epoch, self.total_steps, self.steps_per_epoch,
                                       {k: float(v[self.step]) for k, v in self.method_schedules.items()})
-                    logs = self.train_step(batch, ctx)
+                    logs = self.train_step(batch, ctx, check=self._check_step(pos))
                     self.step += 1
                     pos += 1
                     window.add(logs, logs.get("rows", len(batch)))
@@ -460,6 +501,20 @@ def _set_device_rngs(tensors: dict[str, torch.Tensor], device: torch.device, wor
         torch.cuda.set_rng_state(tensors[f"cuda{suffix}"], device)
 
 
+def host_floats(values: Sequence[Any]) -> list[float]:
+    """Python floats of numbers and 0-d tensors, the values ``float()`` of each gives, with one device-to-host
+    copy per (device, dtype) rather than a sync per value."""
+    out = list(values)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            groups.setdefault((v.device, v.dtype), []).append(i)
+    for ids in groups.values():
+        for i, x in zip(ids, torch.stack([values[i].detach().reshape(()) for i in ids]).tolist()):
+            out[i] = x
+    return [float(v) for v in out]
+
+
 def _pack_logs(total: torch.Tensor, terms: dict[str, Any], monitors: dict[str, Any], weight: float) -> torch.Tensor:
     """``weight`` × [loss, terms..., monitors...] as one float32 vector: summed over ranks, the global batch's."""
     values = [total, *terms.values(), *monitors.values()]
@@ -510,7 +565,8 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.count, self.loss, self.samples = 0, 0.0, 0
+        self.count, self.samples = 0, 0
+        self.losses: list[Any] = []  # floats, or 0-d device tensors of unchecked steps: summed at the flush
         self.terms: dict[str, Any] = {}
         self.monitors: dict[str, Any] = {}
         self.started = time.perf_counter()
@@ -518,7 +574,7 @@ class _Window:
     def add(self, logs: dict[str, Any], samples: int) -> None:
         self.count += 1
         self.samples += samples
-        self.loss += logs["loss"]
+        self.losses.append(logs["loss"])
         for k, v in logs["terms"].items():
             self.terms[k] = self.terms.get(k, 0.0) + v  # tensors: converted once per flush, not per step
         for k, v in logs.get("monitors", {}).items():
@@ -527,7 +583,8 @@ class _Window:
     def flush(self, step: int, epoch: int, lr: float) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {
-            "split": "train", "step": step, "epoch": epoch, "loss": self.loss / self.count,
+            # summed in step order from 0, as floats: the value a running float sum gave
+            "split": "train", "step": step, "epoch": epoch, "loss": sum(host_floats(self.losses)) / self.count,
             "terms": {k: float(v) / self.count for k, v in self.terms.items()}, "lr": lr,
             "samples_per_s": self.samples / elapsed,
         }
