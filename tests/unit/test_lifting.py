@@ -7,16 +7,12 @@ teacher features; the shifted-correlation term) on a hand-made batch, never by c
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from alambic.data import RawData
 from alambic.data import glyph_outlines as O
-from alambic.data import glyphs as G
 from alambic.data.batch import INPUT, Batch
 from alambic.data.loader import TensorLoader
 from alambic.data.paired import (
@@ -40,6 +36,7 @@ from alambic.recipe.schema import TrainSpec
 from alambic.teachers.base import ModelOutput
 from alambic.teachers.frozen import FrozenTeacher
 from alambic.train.loop import Trainer
+from tests.unit.test_glyph_outlines import font_dir  # noqa: F401  (a fixture: the test fonts, skipped when missing)
 
 D, H = 3, 2
 CTX = StepContext(step=0, epoch=0, total_steps=1, steps_per_epoch=1)
@@ -255,27 +252,13 @@ def test_affine_views_are_fixed_by_the_seed_and_leave_the_points_alone():
     assert bool((maps[:, :, 2].abs() <= 0.1).all())
 
 
-# real glyphs: the fonts of test_glyph_outlines, copied into a private folder
-FONT_FILES = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "LiberationSans-Regular.ttf", "LiberationMono-Regular.ttf",
-              "FreeSans.ttf", "FreeSerif.ttf"]
-
-
 @pytest.fixture(scope="module")
-def glyph_views(tmp_path_factory):
-    by_name = {}
-    for f in G.font_files():
-        by_name.setdefault(f.name, f)
-    missing = sorted(set(FONT_FILES) - set(by_name))
-    if missing:
-        pytest.skip(f"fonts not installed ({', '.join(missing)}); run: {G.INSTALL_LINE}")
-    root = tmp_path_factory.mktemp("fonts")
-    for name in FONT_FILES:
-        shutil.copy2(by_name[name], root / name)
-    cache = tmp_path_factory.mktemp("outline_cache")
+def glyph_views(font_dir, tmp_path_factory):  # noqa: F811  (the imported fixture)
+    """The glyphs of ``test_glyph_outlines`` (its fonts, copied into a private folder), with 3 views and without."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("ALAMBIC_CACHE", str(cache))
+    mp.setenv("ALAMBIC_CACHE", str(tmp_path_factory.mktemp("outline_cache")))
     try:
-        kw = {"size": 16, "classes": "all", "font_dirs": [str(Path(root))], "points": 64, "superpixels": "grid"}
+        kw = {"size": 16, "classes": "all", "font_dirs": [str(font_dir)], "points": 64, "superpixels": "grid"}
         yield (O.paired_glyph_outlines(O.GlyphOutlinesConfig(**kw, views=3)),
                O.paired_glyph_outlines(O.GlyphOutlinesConfig(**kw)))
     finally:

@@ -24,40 +24,20 @@ from alambic.recipe.schema import TrainSpec
 from alambic.teachers.base import ModelOutput
 from alambic.teachers.frozen import FrozenTeacher
 from alambic.train.loop import Trainer
+from tests.unit.test_crossmodal_methods import (  # the same hand-made batch as SLidR's
+    np_info_nce,
+    scene,
+    unit,
+)
 
 D, H = 3, 2
 PAIRS, REGIONS = pair_key(INPUT, "image"), region_key("image")
 CTX = StepContext(step=0, epoch=0, total_steps=1, steps_per_epoch=1)
 
 
-def np_info_nce(a, p, tau) -> float:
-    logits = np.asarray(a) @ np.asarray(p).T / tau
-    m = logits.max(1, keepdims=True)
-    log_sm = logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
-    return float(-np.mean(np.diag(log_sm)))
-
-
-def unit(x):
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def scene(seed: int = 0):
-    """Two 2x2 images, both with local regions 0 (top row) and 1 (bottom row); 3 points each.
-
-    Sample 0: points 0, 1 -> region 0 (pixels (0,0), (0,1)); point 2 unpaired; its region 1 has no point.
-    Sample 1: points 0, 1 -> region 1; point 2 -> region 0.
-    """
-    rng = np.random.default_rng(seed)
-    points = rng.normal(size=(2, 3, D))
-    fmap = rng.normal(size=(2, D, H, H))  # the teacher's map at the image's own resolution: no resizing
-    pairs = torch.tensor([[[0, 0, 0], [1, 0, 1], [-1, -1, -1]],
-                          [[0, 1, 0], [1, 1, 1], [2, 0, 0]]])
-    regions = torch.tensor([[[0, 0], [1, 1]], [[0, 0], [1, 1]]])
-    return points, fmap, pairs, regions
-
-
 def expected(points, fmap, tau=0.07) -> float:
+    """Regions of ``scene()``: (img 0, r 0) holds points 0, 1 of sample 0; (img 1, r 0) point 2 and (img 1, r 1)
+    points 0, 1 of sample 1; sample 0's point 2 is unpaired and its region 1 has no point."""
     pix = fmap.transpose(0, 2, 3, 1)  # [I, H, W, D] the teacher's features, not normalised per pixel
     # regions with a paired point, in batch id order: (img 0, r 0), (img 1, r 0), (img 1, r 1)
     k = np.stack([points[0, [0, 1]].mean(0), points[1, 2], points[1, [0, 1]].mean(0)])
