@@ -6,7 +6,7 @@ Every recipe of ``recipes/reasoning/`` on one task, at one budget of generated t
     python benchmarks/reasoning.py step-times       # seconds of one training step of each recipe (one process)
     python benchmarks/reasoning.py suite [--seeds 0 1 2] [--only grpo sft ...] [--jobs 2]
     python benchmarks/reasoning.py eval RUN         # held-out accuracy of a finished run's student (SFT, REDI)
-    python benchmarks/reasoning.py csv              # runs/reasoning/results.csv from what finished
+    python benchmarks/reasoning.py csv              # runs/reasoning/results.csv from what finished, and the table
 
 **The task.** 500 distinct additions of 1- and 2-digit integers (:func:`alambic.tasks.generate_arithmetic`,
 kinds ``add``, digits ``{1: 1, 2: 3}``, generator seed 0, duplicates dropped: a problem is on one side of the
@@ -19,9 +19,9 @@ role name and answers with EOS at once: 0 % on the first 32 problems). Split by 
 (``data.test_fraction: 0.2``: 100 test problems, ``val_fraction: 0.04``, ``split_seed: 0``). Rewards and accuracy:
 the integer checker (``#### N``, else the last number).
 
-**The budget.** Each method draws 256 completions of at most 32 tokens at temperature 0.7: the RL recipes as 16 steps
+**The budget.** Each method draws 128 completions of at most 32 tokens at temperature 0.7: the RL recipes as 8 steps
 x 4 prompts x G = 4 from the policy (pi-Distill from its privileged context), SFT and REDI as the teacher's
-traces of 64 training problems x 4 (``alambic generate --label``). The generated tokens each spent are counted
+traces of 32 training problems x 4 (``alambic generate --label --limit 128``). The generated tokens each spent are counted
 (RL: the steps' ``gen_len`` x rows; SFT/REDI: the generation manifest) and written to the CSV beside the held-out
 accuracy (greedy, at most 32 tokens, the same 100 problems for every method) and the wall times.
 
@@ -49,6 +49,7 @@ OUT = Path("runs/reasoning")
 CHAT = "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 N_PROBLEMS, DIGITS, GEN_SEED = 500, {1: 1.0, 2: 3.0}, 0
 TRACE_PROMPTS, TRACE_SAMPLES, MAX_NEW, TEMPERATURE = 64, 4, 32, 0.7
+TRACE_ROWS = 128  # the traces: the first 32 problems x 4 of train_prompts.jsonl (the RL recipes' budget)
 
 # cell -> (recipe, cell it starts from or None); in the order the suite runs them (one seed of each first)
 CELLS: dict[str, tuple[str, str | None]] = {
@@ -107,7 +108,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def generate_command(out: Path, threads: int) -> list[str]:
     return ["alambic", "generate", "--teacher", "hf:smollm2", "--prompts", str(out / "train_prompts.jsonl"),
             "--check", "integer:answer", "--label", "--max-new-tokens", str(MAX_NEW), "--temperature",
-            str(TEMPERATURE), "--threads", str(threads), "--quiet", "--out", str(out / TRACES)]
+            str(TEMPERATURE), "--limit", str(TRACE_ROWS), "--threads", str(threads), "--quiet", "--out", str(out / TRACES)]
 
 
 # -- held-out accuracy of a model outside a task run ----------------------------------------------------------
@@ -276,27 +277,33 @@ def suite(out: Path, seeds: list[int], only: list[str] | None, jobs: int, deadli
     if not (out / "problems.jsonl").exists():
         prepare(out)
     cells = [c for c in CELLS if only is None or c in only]
-    if any(CELLS[c][0] in ("sft.yaml", "redi.yaml") for c in cells) and not (out / TRACES).exists():
-        proc = _timed(generate_command(out, 2), out / "generate.log", out / "wall" / "generate.json")
-        proc.wait()
-        if not _reap(proc):
-            sys.exit(f"generation failed: see {out / 'generate.log'}")
-    queue = [(c, s) for s in seeds for c in cells]  # seed 0 of every cell first
     running: list[tuple[subprocess.Popen, str, int]] = []
     failed: set[tuple[str, int]] = set()
+    traces_done = (out / TRACES).exists()
+    if any(CELLS[c][0] in ("sft.yaml", "redi.yaml") for c in cells) and not traces_done:
+        # the teacher's traces take one lane while the RL cells start in the other
+        running.append((_timed(generate_command(out, threads), out / "generate.log", out / "wall" / "generate.json"),
+                        "generate", 0))
+    queue = [(c, s) for s in seeds for c in cells]  # seed 0 of every cell first
     while queue or running:
         for item in list(running):
             proc, cell, seed = item
             if proc.poll() is not None:
                 running.remove(item)
-                if not _reap(proc):
+                ok = _reap(proc)
+                if cell == "generate":
+                    if not ok:
+                        sys.exit(f"generation failed: see {out / 'generate.log'}")
+                    traces_done = True
+                elif not ok:
                     failed.add((cell, seed))
                 elif CELLS[cell][0] in ("sft.yaml", "redi.yaml"):
                     _eval_into(cell_dir(out, cell, seed))
         while queue and len(running) < jobs:
-            ready = [i for i, (c, s) in enumerate(queue) if CELLS[c][1] is None
-                     or (cell_dir(out, CELLS[c][1], s) / "finished.json").exists()
-                     or (CELLS[c][1], s) in failed]
+            ready = [i for i, (c, s) in enumerate(queue)
+                     if (traces_done or CELLS[c][0] not in ("sft.yaml", "redi.yaml"))
+                     and (CELLS[c][1] is None or (cell_dir(out, CELLS[c][1], s) / "finished.json").exists()
+                          or (CELLS[c][1], s) in failed)]
             blocked = [i for i in ready if CELLS[queue[i][0]][1] is not None
                        and (CELLS[queue[i][0]][1], queue[i][1]) in failed]
             for i in reversed(blocked):
@@ -373,8 +380,7 @@ def cell_row(out: Path, run_dir: Path) -> dict | None:
         manifest = out / f"{TRACES}.manifest.json"
         if manifest.exists():
             m = json.loads(manifest.read_text())
-            row.update(train_generated_tokens=m["generation"]["tokens"],
-                       train_completions=TRACE_PROMPTS * TRACE_SAMPLES)
+            row.update(train_generated_tokens=m["generation"]["tokens"], train_completions=TRACE_ROWS)
     for key, name in (("process_wall_s", f"{run_dir.name}.json"), ("eval_wall_s", f"{run_dir.name}.eval.json")):
         wall = out / "wall" / name
         if wall.exists():
@@ -399,6 +405,45 @@ def write_csv(out: Path) -> Path:
     return path
 
 
+LABELS = {"sft": "SFT on the teacher's correct traces (seqkd)", "redi": "REDI (from the SFT student, alpha 0.8)",
+          "grpo": "GRPO (Dr. GRPO / DAPO)", "trrd": "TRRD (alpha 0.5, teacher = frozen SmolLM2)",
+          "pi_distill_a0": "pi-Distill alpha 0", "pi_distill_a05": "pi-Distill alpha 0.5",
+          "pi_distill_a1": "pi-Distill alpha 1", "opsd": "OPSD (beta 0.1)"}
+
+
+def table(out: Path) -> str:
+    """The results page's table (markdown) from ``out/results.csv``: held-out accuracy as mean ± std over seeds."""
+    import statistics
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    header = ("| method | seeds | held-out accuracy | mean tokens per answer | generated tokens in training | "
+              "mean training reward | steps | training s | run s (load, train, eval) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+
+    def stat(values: list[float], digits: int, scale: float = 1.0) -> str:
+        v = [x * scale for x in values]
+        if len(v) == 1:
+            return f"{v[0]:.{digits}f}"
+        return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+    teacher = sorted({float(r["teacher_accuracy"]) for r in rows if r.get("teacher_accuracy")})
+    if teacher:
+        lines.append(f"| SmolLM2-135M-Instruct, untrained (the teacher) | - | {stat(teacher[:1], 1, 100)} % | | | | | | |")
+    for cell in CELLS:
+        got = [r for r in rows if r["cell"] == cell and r.get("accuracy")]
+        if not got:
+            continue
+
+        def col(key: str, digits: int = 0, scale: float = 1.0, got: list[dict] = got) -> str:
+            vals = [float(r[key]) for r in got if r.get(key) not in (None, "")]
+            return stat(vals, digits, scale) if vals else ""
+
+        lines.append(f"| {LABELS[cell]} | {len(got)} | {col('accuracy', 1, 100)} % | {col('eval_mean_tokens', 1)} | "
+                     f"{col('train_generated_tokens')} | {col('train_reward', 3)} | {col('train_steps')} | "
+                     f"{col('train_wall_s')} | {col('process_wall_s')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -419,7 +464,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, choices=list(CELLS))
     p.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="runs at a time (2: one thread each)")
     p.add_argument("--minutes", type=float, default=None, help="start no run after this many minutes")
-    p = sub.add_parser("csv", help="the CSV of what finished")
+    p = sub.add_parser("csv", help="the CSV of what finished, and its table")
     p.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.cmd == "prepare":
@@ -437,6 +482,7 @@ def main() -> None:
         suite(args.out, args.seeds, args.only, args.jobs, deadline)
     else:
         write_csv(args.out)
+        print(table(args.out))
 
 
 if __name__ == "__main__":
