@@ -13,12 +13,17 @@ For each dataset this script
      on the real test split (KRR-ST's protocol, ``<data>-student-regress.yaml``);
    plus references: the same students on the whole real training split, and the network at random
    initialisation (linear probe, no training);
-4. writes ``OUT/results.csv`` (one row per student run), ``OUT/results.md`` (mean ± std over distillation
-   seeds x student seeds) and ``DOCS/data-distillation.png``.
+4. writes ``OUT/results.csv`` (one row per student run; a later invocation over other sizes, methods or seeds
+   adds its runs to it), ``OUT/results.md`` (mean ± std over distillation seeds x student seeds, and the
+   difference to the random subset of the same size with Welch's p) and one figure per dataset
+   (``DOCS/data-distillation.png`` for digits, ``DOCS/data-distillation-<data>.png`` otherwise); with
+   ``--docs-csv`` also the dataset's rows of ``DOCS/data-distillation-results.csv``.
 
     python benchmarks/data_distillation.py --out runs/data-distillation
-    python benchmarks/data_distillation.py --out runs/data-distillation --data mnist5k --ipc 1 10 50 \
+    python benchmarks/data_distillation.py --out runs/data-distillation --data mnist5k --ipc 1 10 \
         --distill-seeds 0 --student-seeds 0 1 2
+    python benchmarks/data_distillation.py --out runs/data-distillation --data mnist5k --ipc 50 \
+        --methods random herding dm --distill-seeds 0 --student-seeds 0 1 2 --docs-csv
     python benchmarks/data_distillation.py --out runs/data-distillation --report-only
 
 One process, one torch thread (OMP/BLAS held to one too).
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import time
@@ -251,6 +257,19 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow(r)
 
 
+ROW_KEY = ("data", "set", "ipc", "distill_seed", "protocol", "student_seed")
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` rows whose run (``ROW_KEY``) is not among ``new``'s, then ``new``: an invocation with fewer sizes,
+    methods or seeds (``--ipc 50 --methods random``) adds its runs to the CSV instead of dropping the others."""
+    def key(r: dict[str, Any]) -> tuple[str, ...]:
+        return tuple("" if r.get(k) is None else str(r[k]) for k in ROW_KEY)
+
+    fresh = {key(r) for r in new}
+    return [r for r in old if key(r) not in fresh] + list(new)
+
+
 def read_csv(path: Path) -> list[dict[str, Any]]:
     out = []
     with open(path) as fh:
@@ -267,6 +286,23 @@ def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{100 * values[0]:.1f}"
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def versus_random(accs: list[float], base: list[float]) -> str:
+    """`` (+1.2, p = 0.03)``: the difference of means (points) to the random subset of the same size, with
+    Welch's t-test over the runs (student seeds are shared between sets: read p as a guide); "" if either
+    side has fewer than 2 runs."""
+    if len(accs) < 2 or len(base) < 2:
+        return ""
+    from scipy.stats import ttest_ind
+
+    diff = 100 * (statistics.mean(accs) - statistics.mean(base))
+    p = float(ttest_ind(accs, base, equal_var=False).pvalue)
+    if p != p:  # both constant
+        return f" ({diff:+.1f})"
+    if p >= 1e-3:
+        return f" ({diff:+.1f}, p = {p:.2g})"
+    return f" ({diff:+.1f}, p < 1e-{min(12, int(-math.log10(p)))})"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -290,8 +326,12 @@ def table(rows: list[dict[str, Any]]) -> str:
                             and r["protocol"] == protocol]
                     secs += [r["set_s"] for r in mine if r["set"] == method and r["ipc"] == ipc
                              and r["protocol"] == protocol and r["set_s"] is not None]
-                    cells.append(mean_std(accs) if accs else "-")
-                    ns.add(len(accs))
+                    base = [r["accuracy"] for r in mine if r["set"] == "random" and r["ipc"] == ipc
+                            and r["protocol"] == protocol]
+                    cells.append(mean_std(accs) + ("" if method == "random" else versus_random(accs, base))
+                                 if accs else "-")
+                    if accs:
+                        ns.add(len(accs))
                 lines.append(f"| {method} | " + " | ".join(cells) +
                              f" | {'/'.join(str(n) for n in sorted(ns))} | {statistics.mean(secs):.1f} |")
             for ref in ("whole train", "random init"):
@@ -301,6 +341,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                                  + f" {len(accs)} | |")
             lines.append("")
     return "\n".join(lines)
+
+
+def plot_path(docs: Path, data: str) -> Path:
+    return docs / ("data-distillation.png" if data == "digits" else f"data-distillation-{data}.png")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -320,13 +364,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for j, (protocol, title) in enumerate(panels):
             ax = axes[i][j]
             for method in METHODS:
-                pts = [[r["accuracy"] for r in mine if r["set"] == method and r["ipc"] == ipc
-                        and r["protocol"] == protocol] for ipc in ipcs]
-                if not any(pts):
+                pts = {ipc: [r["accuracy"] for r in mine if r["set"] == method and r["ipc"] == ipc
+                             and r["protocol"] == protocol] for ipc in ipcs}
+                pts = {ipc: p for ipc, p in pts.items() if p}  # a method may skip sizes (KRR-ST at 50 on MNIST-5k)
+                if not pts:
                     continue
-                m = [100 * statistics.mean(p) for p in pts]
-                s = [100 * statistics.stdev(p) if len(p) > 1 else 0.0 for p in pts]
-                ax.errorbar(ipcs, m, yerr=s, marker="o", capsize=3, label=method)
+                m = [100 * statistics.mean(p) for p in pts.values()]
+                s = [100 * statistics.stdev(p) if len(p) > 1 else 0.0 for p in pts.values()]
+                ax.errorbar(list(pts), m, yerr=s, marker="o", capsize=3, label=method)
             for ref, style in (("whole train", "--"), ("random init", ":")):
                 accs = [r["accuracy"] for r in mine if r["set"] == ref and r["protocol"] == protocol]
                 if accs:
@@ -353,6 +398,9 @@ def main() -> None:
     p.add_argument("--distill-overrides", nargs="*", default=[], help="key=value for every distillation recipe")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--docs-csv", action="store_true",
+                   help="also write --data's rows (with the few-label probes) into DOCS/data-distillation-results.csv, "
+                        "keeping the other datasets' rows")
     p.add_argument("--few-labels", type=int, default=5,
                    help="also probe every regress student with this many labelled images per class (0: off)")
     p.add_argument("--krr-objective", action="store_true",
@@ -363,8 +411,8 @@ def main() -> None:
     t = time.perf_counter()
     if not args.report_only:
         rows = run_all(args)
-        if csv_path.exists():  # keep the rows of other datasets
-            rows = [r for r in read_csv(csv_path) if r["data"] not in args.data] + rows
+        if csv_path.exists():  # keep the rows of other datasets, sizes, methods and seeds
+            rows = merge_rows(read_csv(csv_path), rows)
         write_csv(rows, csv_path)
         say(f"all done in {time.perf_counter() - t:.0f} s")
     # herding is deterministic: its set is the same for every distillation seed, so only seed 0 counts
@@ -374,7 +422,14 @@ def main() -> None:
     md = table(rows)
     (args.out / "results.md").write_text(md + "\n")
     print(md)
-    plot(rows, args.docs / "data-distillation.png")
+    for data in dict.fromkeys(r["data"] for r in rows):  # one figure per dataset (digits: the original name)
+        plot([r for r in rows if r["data"] == data], plot_path(args.docs, data))
+    if args.docs_csv:
+        docs_csv = args.docs / "data-distillation-results.csv"
+        kept = read_csv(docs_csv) if docs_csv.exists() else []
+        write_csv([r for r in kept if r["data"] not in args.data] + [r for r in rows if r["data"] in args.data],
+                  docs_csv)
+        say(f"wrote the {', '.join(args.data)} rows of {docs_csv} (other datasets kept)")
     if args.krr_objective:
         import torch
 
@@ -388,7 +443,7 @@ def main() -> None:
             w = csv.DictWriter(fh, ["data", "set", "net_steps", "val_krr_mse"])
             w.writeheader()
             w.writerows(krr_rows)
-    say(f"wrote {csv_path}, {args.out / 'results.md'}, {args.docs / 'data-distillation.png'}")
+    say(f"wrote {csv_path}, {args.out / 'results.md'} and the figures in {args.docs}")
 
 
 if __name__ == "__main__":
