@@ -29,8 +29,8 @@ from torch import Tensor
 
 from alambic.data.batch import INPUT, Batch
 from alambic.errors import AlambicError, ShapeMismatchError
-from alambic.methods.base import Method, MethodConfig
-from alambic.models.heads import MLPHead, feature_path
+from alambic.methods.base import Method, MethodConfig, ReadsStudentFeature
+from alambic.models.heads import MLPHead
 
 
 class InstanceConfig(MethodConfig):
@@ -42,7 +42,7 @@ class InstanceConfig(MethodConfig):
     hidden: int = Field(512, ge=1, description="hidden width of the student's projection head to the teacher's width")
 
 
-class InstanceMethod(Method):
+class InstanceMethod(ReadsStudentFeature, Method):
     """Base of the instance-paired methods: the student sees ``input``, the teacher one paired view."""
 
     Config = InstanceConfig
@@ -56,7 +56,6 @@ class InstanceMethod(Method):
         super().__init__(config)
         self.teacher_views = (self.config.teacher_view or "",)
         self.projector: MLPHead | None = None
-        self._feature: str | None = self.config.feature
 
     def use_views(self, names) -> None:
         view = self.config.teacher_view
@@ -68,17 +67,6 @@ class InstanceMethod(Method):
             view = others[0]
         self.teacher_views = (view,)
         super().use_views(names)
-
-    def wrap_student(self, student, example, arch):
-        self._feature = feature_path(arch, self.config.feature)
-        return student
-
-    @property
-    def feature(self) -> str:
-        return self._feature or feature_path("?", self.config.feature)
-
-    def student_taps(self) -> list[str]:
-        return [self.feature]
 
     def teacher_taps(self) -> list[str]:
         return [self.config.teacher_tap]

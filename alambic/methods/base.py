@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from alambic.data.batch import INPUT, Batch
 from alambic.errors import AlambicError
 from alambic.losses import kd_loss, masked_cross_entropy
+from alambic.models.heads import feature_path
 from alambic.teachers.base import ModelOutput
 
 
@@ -197,3 +198,21 @@ def supervised_terms(student_logits: Tensor, teacher_logits: Tensor | None, batc
         kd = kd_weight * kd_loss(student_logits, teacher_logits, temperature)
         loss, terms["kd"] = loss + kd, kd.detach()
     return loss, terms
+
+
+class ReadsStudentFeature:
+    """Mixin of a method that reads one representation of the student: ``config.feature`` (a tap path), or
+    (None) the default tap of the student's zoo architecture, resolved when the student is wrapped."""
+
+    _feature: str | None = None
+
+    def wrap_student(self, student, example, arch):
+        self._feature = feature_path(arch, self.config.feature)
+        return student
+
+    @property
+    def feature(self) -> str:
+        return self._feature or feature_path("?", self.config.feature)
+
+    def student_taps(self) -> list[str]:
+        return [self.feature]

@@ -10,10 +10,9 @@ from torch import nn
 from alambic.data.batch import INPUT
 from alambic.errors import AlambicError
 from alambic.methods._ssl import one_view
-from alambic.methods.base import MethodOutput
+from alambic.methods.base import MethodOutput, ReadsStudentFeature
 from alambic.methods.kmeans_pseudo import embed_training_set, kmeans_labels
 from alambic.methods.pseudo_label import LossGate, LossGateConfig
-from alambic.models.heads import feature_path
 from alambic.registry import METHODS
 
 
@@ -29,7 +28,7 @@ class ClusterGateConfig(LossGateConfig):
 
 
 @METHODS.register("cluster_gate")
-class ClusterGate(LossGate):
+class ClusterGate(ReadsStudentFeature, LossGate):
     """CE of a cluster classifier on k-means pseudo-labels, gated per epoch by a 2-component GMM on the losses.
 
     Stage 1 is any self-supervised run (``dino``, ``byol``...); this method is stage 2 (Han et al.: the
@@ -56,21 +55,9 @@ class ClusterGate(LossGate):
     def __init__(self, config: ClusterGateConfig | None = None):
         super().__init__(config)
         self.register_buffer("pseudo", torch.zeros(0, dtype=torch.int64))
-        self._feature: str | None = self.config.feature
 
     def use_views(self, names) -> None:
         self.student_views, self.teacher_views = (one_view(names, self.config.view, "cluster_gate"),), (INPUT,)
-
-    def wrap_student(self, student, example, arch):
-        self._feature = feature_path(arch, self.config.feature)
-        return student
-
-    @property
-    def feature(self) -> str:
-        return self._feature or feature_path("?", self.config.feature)
-
-    def student_taps(self) -> list[str]:
-        return [self.feature]
 
     def teacher_taps(self) -> list[str]:
         return [self.config.teacher_feature]

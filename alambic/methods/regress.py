@@ -17,8 +17,7 @@ from torch import nn
 
 from alambic.errors import ShapeMismatchError
 from alambic.methods._ssl import one_view
-from alambic.methods.base import Method, MethodConfig, MethodOutput
-from alambic.models.heads import feature_path
+from alambic.methods.base import Method, MethodConfig, MethodOutput, ReadsStudentFeature
 from alambic.registry import METHODS
 
 
@@ -31,7 +30,7 @@ class RegressConfig(MethodConfig):
 
 
 @METHODS.register("regress")
-class Regress(Method):
+class Regress(ReadsStudentFeature, Method):
     """``mean_(i, j) (W·f_s(x_i) + b − t(x_i))_j²``: regress a frozen target representation, labels unused.
 
     The head ``W, b`` is owned by the method (thrown away after training), so the deployed student is the
@@ -48,22 +47,10 @@ class Regress(Method):
 
     def __init__(self, config: RegressConfig | None = None):
         super().__init__(config)
-        self._feature: str | None = self.config.feature
         self.head: nn.Module | None = None
 
     def use_views(self, names) -> None:
         self.student_views = self.teacher_views = (one_view(names, self.config.view, "regress"),)
-
-    def wrap_student(self, student, example, arch):
-        self._feature = feature_path(arch, self.config.feature)
-        return student
-
-    @property
-    def feature(self) -> str:
-        return self._feature or feature_path("?", self.config.feature)
-
-    def student_taps(self) -> list[str]:
-        return [self.feature]
 
     def teacher_taps(self) -> list[str]:
         return [self.config.teacher_feature] if self.config.teacher_feature else []

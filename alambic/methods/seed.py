@@ -8,8 +8,8 @@ from pydantic import Field
 
 from alambic.losses import seed_loss
 from alambic.methods._ssl import one_view
-from alambic.methods.base import Method, MethodConfig, MethodOutput
-from alambic.models.heads import MLPHead, feature_path
+from alambic.methods.base import Method, MethodConfig, MethodOutput, ReadsStudentFeature
+from alambic.models.heads import MLPHead
 from alambic.registry import METHODS
 
 
@@ -25,7 +25,7 @@ class SEEDConfig(MethodConfig):
 
 
 @METHODS.register("seed")
-class SEED(Method):
+class SEED(ReadsStudentFeature, Method):
     """``H(softmax(z_t·[z_t; Q]ᵀ/τ_t), softmax(z_s·[z_t; Q]ᵀ/τ_s))``, then the batch's ``z_t`` enter the queue.
 
     The teacher is a frozen network (``teacher: {run: ...}``, e.g. a larger network pre-trained with
@@ -49,21 +49,9 @@ class SEED(Method):
         self.register_buffer("queue", torch.zeros(0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.int64))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.int64))
-        self._feature: str | None = self.config.feature
 
     def use_views(self, names) -> None:
         self.student_views = self.teacher_views = (one_view(names, self.config.view, "seed"),)
-
-    def wrap_student(self, student, example, arch):
-        self._feature = feature_path(arch, self.config.feature)
-        return student
-
-    @property
-    def feature(self) -> str:
-        return self._feature or feature_path("?", self.config.feature)
-
-    def student_taps(self) -> list[str]:
-        return [self.feature]
 
     def teacher_taps(self) -> list[str]:
         return [self.config.teacher_feature]
