@@ -73,7 +73,7 @@ def test_one_csv_row_per_cell_read_from_the_run_directories(out):
         assert recipe["seed"] == int(r["seed"])
         assert recipe["data"]["labeled_fraction"] == (0.2 if r["setting"] == "scarce" else 1.0)
         # the suite's teacher (trained once) teaches kd; ce trains alone
-        teacher = {"run": str((out / "teacher").resolve()), "cache": "off"}
+        teacher = {"run": str((out / "teacher").resolve()), "cache": "off", "shard": "none"}
         assert recipe.get("teacher") == (teacher if r["method"] == "kd" else None)
     assert json.loads((out / "teacher" / "summary.json").read_text())["train"]["epochs"] == 2
     assert yaml.safe_load((out / "suite.yaml").read_text())["seeds"] == [0, 1]
@@ -216,9 +216,9 @@ def test_named_suite_teachers_are_trained_once_and_cells_point_at_them(tmp_path)
     assert all(r.status == "ok" for r in rows), rows
     wide, main_teacher = (out / "teachers" / "wide").resolve(), (out / "teacher").resolve()
     kd = yaml.safe_load((out / "runs" / "full" / "kd_wide" / "seed0" / "recipe.yaml").read_text())
-    assert kd["teacher"] == {"run": str(wide), "cache": "off"}
+    assert kd["teacher"] == {"run": str(wide), "cache": "off", "shard": "none"}
     pair = yaml.safe_load((out / "runs" / "full" / "pair" / "seed0" / "recipe.yaml").read_text())
-    assert pair["teachers"] == [{"run": str(main_teacher), "cache": "off"}, {"run": str(wide), "cache": "off"}]
+    assert pair["teachers"] == [{"run": str(main_teacher), "cache": "off", "shard": "none"}, {"run": str(wide), "cache": "off", "shard": "none"}]
     stamp = (wide / "summary.json").stat().st_mtime_ns
     bench(suite, out, progress=False)
     assert (wide / "summary.json").stat().st_mtime_ns == stamp

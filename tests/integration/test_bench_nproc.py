@@ -5,7 +5,6 @@ with another number of processes is not passed off as this one."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 
 from alambic.bench import bench
 from alambic.bench_report import read_csv
-from alambic.train import distributed as dist
+from tests.conftest import launch_torchrun
 
 SUITE = {
     "name": "procs",
@@ -54,8 +53,8 @@ def test_a_two_process_cell_is_what_alambic_run_gives_under_torchrun(tmp_path):
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(yaml.safe_load((cell / "recipe.yaml").read_text())))
-    done = dist.launch(2, ["-m", "alambic", "run", str(recipe), "--out", str(tmp_path / "direct"), "--quiet"],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    done = launch_torchrun(2, ["-m", "alambic", "run", str(recipe), "--out", str(tmp_path / "direct"), "--quiet"],
+                           rerun_clears=[tmp_path / "direct"])
     assert done.returncode == 0, done.stderr[-3000:]
     direct = json.loads((tmp_path / "direct" / "summary.json").read_text())
     assert direct["train"]["processes"] == 2 and direct["test"] == summary["test"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,23 +26,17 @@ from safetensors.torch import load_file
 from alambic.recipe import load_recipe
 from alambic.run import run
 from alambic.train import distributed as dist
-from tests.conftest import tiny_recipe
+from tests.conftest import launch_torchrun, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
 def torchrun(args: list[str], n: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    """The project's launcher (:func:`alambic.train.distributed.launch`, as ``alambic bench --nproc`` uses)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = dist.launch(n, args, timeout=300, cwd=ROOT, env=env)
-    if check and done.returncode != 0 and "SIGABRT" in done.stderr:
-        # Twice in ~20 runs on a heavily loaded 2-core machine a rank died of SIGABRT inside gloo before any
-        # alambic error (never reproduced alone, not with CPU hogs): rerun once, and say so, so that a real
-        # desync (which fails every time) still fails and a flake is visible in the log.
-        print(f"torchrun: a rank aborted (SIGABRT); rerunning once. stderr tail:\n{done.stderr[-2000:]}",
-              file=sys.stderr)
-        done = dist.launch(n, args, timeout=300, cwd=ROOT, env=env)
+    """The project's launcher (:func:`alambic.train.distributed.launch`, as ``alambic bench --nproc`` uses),
+    rerun once after a rank's SIGABRT inside gloo (:func:`tests.conftest.launch_torchrun`)."""
+    done = launch_torchrun(n, args, cwd=ROOT) if check else dist.launch(
+        n, args, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check and done.returncode != 0:
         raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return done

@@ -5,10 +5,9 @@ leave it where one process would; one some rank used gets the mean with zeros fr
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from alambic.train import distributed as dist
+from tests.conftest import launch_torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("gradient_average_worker.py")
@@ -16,7 +15,7 @@ WORKER = Path(__file__).with_name("gradient_average_worker.py")
 
 def test_a_parameter_no_rank_used_keeps_no_gradient_and_is_not_moved_by_weight_decay(tmp_path):
     out = tmp_path / "grads"
-    done = dist.launch(2, [str(WORKER), str(out)], timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = launch_torchrun(2, [str(WORKER), str(out)], cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1)]
     for got in ranks:

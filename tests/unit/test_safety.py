@@ -174,11 +174,11 @@ def test_a_batch_too_large_for_memory_names_the_step_and_batch_size(tmp_path, mo
 
     real, calls = loop.Trainer.train_step, []
 
-    def step(self, batch, ctx):
+    def step(self, batch, ctx, **kwargs):
         calls.append(ctx.step)
         if len(calls) == 2:
             raise RuntimeError(ALLOC)
-        return real(self, batch, ctx)
+        return real(self, batch, ctx, **kwargs)
 
     monkeypatch.setattr(loop.Trainer, "train_step", step)
     recipe = validate({"student": {"arch": "mlp", "hidden": [8]}, "train": {"epochs": 1, "batch_size": 16},
