@@ -294,6 +294,9 @@ def _run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     summary = run(recipe, args.out, resume=args.resume, progress=not args.quiet)
+    from alambic.train import distributed as dist
+
+    dist.shutdown()  # under torchrun: every rank leaves the group together, not in its interpreter's teardown
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary; rank 0 prints it
         print_summary(summary, args.out)
     return 0

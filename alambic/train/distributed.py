@@ -244,7 +244,11 @@ def broadcast_object(obj: Any) -> Any:
 
 
 def shutdown() -> None:
+    """Leave the process group, every rank together: a barrier first, so that no rank tears its gloo pairs down
+    while another still holds them (a rank then died of SIGABRT at exit, "terminate called without an active
+    exception", after its work had finished)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def torchrun(args: list[str], n: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], n: int = 2, check: bool = True, rerun_clears=()) -> subprocess.CompletedProcess:
     """The project's launcher (:func:`alambic.train.distributed.launch`, as ``alambic bench --nproc`` uses),
     rerun once after a rank's SIGABRT inside gloo (:func:`tests.conftest.launch_torchrun`)."""
-    done = launch_torchrun(n, args, cwd=ROOT) if check else dist.launch(
+    done = launch_torchrun(n, args, cwd=ROOT, rerun_clears=rerun_clears) if check else dist.launch(
         n, args, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check and done.returncode != 0:
         raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
@@ -45,7 +45,8 @@ def torchrun(args: list[str], n: int = 2, check: bool = True) -> subprocess.Comp
 def run_jobs(tmp: Path, jobs: list[dict], check: bool = True) -> subprocess.CompletedProcess:
     spec = tmp / f"jobs-{len(list(tmp.glob('jobs-*')))}.json"
     spec.write_text(json.dumps(jobs))
-    return torchrun([str(WORKER), str(spec)], check=check)
+    fresh = [job["out"] for job in jobs if not Path(job["out"]).exists()]  # a rerun starts these again
+    return torchrun([str(WORKER), str(spec)], check=check, rerun_clears=fresh)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
