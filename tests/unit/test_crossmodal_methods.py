@@ -150,10 +150,24 @@ def test_a_batch_without_pairs_is_one_line():
           CTX)
 
 
-@pytest.mark.parametrize("cls", [PPKT, SLidR])
-def test_only_the_decoder_and_the_student_learn_the_frozen_teacher_does_not(cls, tmp_path):
-    """One real training step: the image encoder gets no gradient and keeps its weights and BatchNorm statistics;
-    the 1x1 decoder and the point network change."""
+def with_identity_projector(m, points, teacher, grad: bool = False):
+    """``m`` set up on a student whose ``point_head`` holds ``points`` and on ``teacher`` (view -> output), in
+    float64, its projector set to the identity (so projected = the point features). Returns ``m``, the student
+    outputs, the teacher outputs and the point tensor (a leaf with ``requires_grad=grad``)."""
+    pts = torch.tensor(points, requires_grad=grad)
+    student = {INPUT: ModelOutput(torch.zeros(2, 4, dtype=torch.float64), {"point_head": pts})}
+    m.setup(student, teacher, None)
+    m.double()
+    with torch.no_grad():
+        m.projector.fc.weight.copy_(torch.eye(pts.shape[-1], dtype=torch.float64))
+        m.projector.fc.bias.zero_()
+    return m, student, teacher, pts
+
+
+def paired_training(method):
+    """A trainer of ``method`` on 16 random 12-point clouds paired with random 8x8 images (4 random regions
+    each): a 2-block CNN as the frozen teacher, a PointNet (point features of width 5) as the student.
+    Returns the trainer, its loader, the teacher's encoder, the encoder's state before training and the student."""
     torch.manual_seed(0)
     n, p, size = 16, 12, 8
     rng = np.random.default_rng(0)
@@ -165,11 +179,19 @@ def test_only_the_decoder_and_the_student_learn_the_frozen_teacher_does_not(cls,
     data = bundle(raw, val_fraction=0.25, test_fraction=0.25, labeled_fraction=1.0, split_seed=0)
     loader = PairedLoader(TensorLoader(data.train, batch_size=8, seed=0), paired)
     encoder = SmallCNN(1, (size, size), [4, 6], 2)
-    teacher = FrozenTeacher(encoder)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     student = PointNet(2, 2, [8, 16], point_dim=5)
+    trainer = Trainer(student, method, loader, TrainSpec(epochs=1, lr=0.05), teacher=FrozenTeacher(encoder),
+                      progress=False)
+    return trainer, loader, encoder, before, student
+
+
+@pytest.mark.parametrize("cls", [PPKT, SLidR])
+def test_only_the_decoder_and_the_student_learn_the_frozen_teacher_does_not(cls, tmp_path):
+    """One real training step: the image encoder gets no gradient and keeps its weights and BatchNorm statistics;
+    the 1x1 decoder and the point network change."""
     method = cls(cls.Config(num_matches=16) if cls is PPKT else cls.Config())
-    trainer = Trainer(student, method, loader, TrainSpec(epochs=1, lr=0.05), teacher=teacher, progress=False)
+    trainer, loader, encoder, before, student = paired_training(method)
     decoder0 = method.decoder.conv.weight.detach().clone()
     student0 = student.point_head[1].weight.detach().clone()
     trainer.train_step(next(loader.epoch(0)), CTX)

@@ -36,6 +36,7 @@ from alambic.recipe.schema import TrainSpec
 from alambic.teachers.base import ModelOutput
 from alambic.teachers.frozen import FrozenTeacher
 from alambic.train.loop import Trainer
+from tests.unit.test_crossmodal_methods import with_identity_projector
 from tests.unit.test_glyph_outlines import font_dir  # noqa: F401  (a fixture: the test fonts, skipped when missing)
 
 D, H = 3, 2
@@ -86,16 +87,9 @@ def np_lifting(points, fmaps, pairs) -> tuple[float, dict[str, float]]:
 
 def method_on(points, fmaps, config=None, grad: bool = False):
     """The method set up on the scene's shapes with an identity projector (so projected = the point features)."""
-    m = Lifting(config or LiftingConfig(views=1, correlation_weight=0.0))
-    pts = torch.tensor(points, requires_grad=grad)
-    student = {INPUT: ModelOutput(torch.zeros(2, 4, dtype=torch.float64), {"point_head": pts})}
     teacher = {v: ModelOutput(None, {"features.block1": torch.tensor(f)}) for v, f in fmaps.items()}
-    m.setup(student, teacher, None)
-    m.double()
-    with torch.no_grad():
-        m.projector.fc.weight.copy_(torch.eye(D, dtype=torch.float64))
-        m.projector.fc.bias.zero_()
-    return m, student, teacher, pts
+    m = Lifting(config or LiftingConfig(views=1, correlation_weight=0.0))
+    return with_identity_projector(m, points, teacher, grad)
 
 
 def batch_of(pairs) -> Batch:

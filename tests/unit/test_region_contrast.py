@@ -11,23 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from alambic.data import RawData
 from alambic.data.batch import INPUT, Batch
-from alambic.data.loader import TensorLoader
-from alambic.data.paired import PairedData, PairedLoader, pair_key, region_key
-from alambic.data.splits import bundle
+from alambic.data.paired import pair_key, region_key
 from alambic.methods.base import StepContext
 from alambic.methods.region_contrast import RegionContrast, RegionContrastConfig
-from alambic.models.pointnet import PointNet
-from alambic.models.zoo import SmallCNN
-from alambic.recipe.schema import TrainSpec
 from alambic.teachers.base import ModelOutput
-from alambic.teachers.frozen import FrozenTeacher
-from alambic.train.loop import Trainer
 from tests.unit.test_crossmodal_methods import (  # the same hand-made batch as SLidR's
     np_info_nce,
+    paired_training,
     scene,
     unit,
+    with_identity_projector,
 )
 
 D, H = 3, 2
@@ -47,16 +41,8 @@ def expected(points, fmap, tau=0.07) -> float:
 
 def method_on(points, fmap, config=None, grad: bool = False):
     """The method set up on the scene's shapes with an identity projector (so projected = the point features)."""
-    m = RegionContrast(config or RegionContrastConfig())
-    pts = torch.tensor(points, requires_grad=grad)
-    student = {INPUT: ModelOutput(torch.zeros(2, 4, dtype=torch.float64), {"point_head": pts})}
     teacher = {"image": ModelOutput(None, {"features.block1": torch.tensor(fmap)})}
-    m.setup(student, teacher, None)
-    m.double()
-    with torch.no_grad():
-        m.projector.fc.weight.copy_(torch.eye(D, dtype=torch.float64))
-        m.projector.fc.bias.zero_()
-    return m, student, teacher, pts
+    return with_identity_projector(RegionContrast(config or RegionContrastConfig()), points, teacher, grad)
 
 
 def batch_of(pairs, regions) -> Batch:
@@ -106,22 +92,8 @@ def test_positives_are_the_same_region_pairs_across_modalities():
 def test_the_teacher_side_is_a_constant_only_the_projector_and_the_student_learn():
     """One real training step: the frozen image network gets no gradient and keeps its weights and BatchNorm
     statistics (no decoder on it, unlike SLidR); the projector and the point network change."""
-    torch.manual_seed(0)
-    n, p, size = 16, 12, 8
-    rng = np.random.default_rng(0)
-    raw = RawData(torch.rand(n, p, 2) * 2 - 1, torch.arange(n) % 2, ["a", "b"], "fp")
-    rc = torch.from_numpy(rng.integers(0, size, size=(n, p, 2)))
-    pairs = torch.cat([torch.arange(p).expand(n, p)[..., None], rc], dim=2)
-    regions = torch.from_numpy(rng.integers(0, 4, size=(n, size, size)))
-    paired = PairedData(raw, {"image": torch.rand(n, 1, size, size)}, {PAIRS: pairs, REGIONS: regions})
-    data = bundle(raw, val_fraction=0.25, test_fraction=0.25, labeled_fraction=1.0, split_seed=0)
-    loader = PairedLoader(TensorLoader(data.train, batch_size=8, seed=0), paired)
-    encoder = SmallCNN(1, (size, size), [4, 6], 2)
-    teacher = FrozenTeacher(encoder)
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    student = PointNet(2, 2, [8, 16], point_dim=5)
     method = RegionContrast()
-    trainer = Trainer(student, method, loader, TrainSpec(epochs=1, lr=0.05), teacher=teacher, progress=False)
+    trainer, loader, encoder, before, student = paired_training(method)
     assert method.decoder is None and method.projector.fc.weight.shape == (6, 5)  # student 5 -> teacher block1 6
     projector0 = method.projector.fc.weight.detach().clone()
     student0 = student.point_head[1].weight.detach().clone()
