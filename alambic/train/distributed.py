@@ -173,10 +173,7 @@ def average_gradients(params: Iterable[nn.Parameter], extra: torch.Tensor | None
         return extra
     params = [p for p in params if p.requires_grad]
     if not params:
-        if extra is not None:
-            extra = extra.clone()
-            dist.all_reduce(extra)
-        return extra
+        return _summed(extra)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     like = grads[0]
     uniform = all(g.dtype == like.dtype and g.device == like.device for g in grads)
@@ -187,14 +184,12 @@ def average_gradients(params: Iterable[nn.Parameter], extra: torch.Tensor | None
     if uniform:
         parts.append(held)
     else:
-        held = held.clone()
-        dist.all_reduce(held)
+        held = _summed(held)
     together = uniform and extra is not None and extra.dtype == like.dtype and extra.device == like.device
     if together:
         parts.append(extra.reshape(-1))
-    elif extra is not None:
-        extra = extra.clone()
-        dist.all_reduce(extra)
+    else:
+        extra = _summed(extra)
     flat = torch.cat(parts)
     n = sum(g.numel() for g in grads)
     size = dist.get_world_size()
@@ -215,6 +210,15 @@ def average_gradients(params: Iterable[nn.Parameter], extra: torch.Tensor | None
     for p, g, piece, keep in zip(params, grads, flat[:n].split([g.numel() for g in grads]), kept):
         p.grad = piece.view_as(g) if keep else None
     return flat[n + len(params):] if together else extra
+
+
+def _summed(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy of ``t`` summed over ranks (None stays None)."""
+    if t is None:
+        return None
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 def broadcast_module(module: nn.Module) -> None:
